@@ -1,0 +1,95 @@
+//! The inference engine: a model artifact (manifest, ONNX graph, tokenizer, chat template) behind `core`'s traits.
+
+pub mod chat;
+pub mod manifest;
+pub mod runtime;
+pub mod session;
+pub mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use manifest::Manifest;
+pub use session::{OnnxModel, SessionOptions};
+pub use tokenizer::TextTokenizer;
+
+use crate::core::ModelError;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// ONNX Runtime is missing or unusable.
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+    /// The artifact's manifest is missing or invalid.
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// The graph or tokenizer failed to load.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The chat template does not compile.
+    #[error(transparent)]
+    Template(#[from] chat::TemplateError),
+}
+
+/// Options for [`Engine::load`].
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Explicit ONNX Runtime library (`ORT_DYLIB_PATH`).
+    pub ort_dylib_path: Option<PathBuf>,
+    /// Intra-op threads (default: all cores).
+    pub threads: Option<usize>,
+}
+
+/// A loaded model artifact: graph, tokenizer, chat template.
+pub struct Engine {
+    /// The artifact's manifest.
+    pub manifest: Manifest,
+    /// The decoder.
+    pub model: OnnxModel,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Its chat template, if the artifact has one.
+    pub chat: Option<ChatTemplate>,
+    /// Where ONNX Runtime was loaded from.
+    pub library: PathBuf,
+    /// Time to load library, session and tokenizer.
+    pub load_time: Duration,
+    /// Time of the warm-up run.
+    pub warm_up_time: Duration,
+}
+
+impl Engine {
+    /// Loads the artifact in `dir` and warms the session up.
+    pub fn load(dir: &Path, options: &EngineOptions) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let manifest = Manifest::load(dir)?;
+        let (library, env) = runtime::environment(options.ort_dylib_path.as_deref())?;
+        let bos = manifest.bos_id.filter(|_| manifest.add_bos);
+        let tokenizer = TextTokenizer::load(&dir.join(&manifest.files.tokenizer), bos)?;
+        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let chat = match &manifest.chat_template {
+            Some(src) => Some(ChatTemplate::new(
+                src,
+                &token_text(manifest.bos_id),
+                &token_text(manifest.eos_ids.first().copied()),
+            )?),
+            None => None,
+        };
+        let session_options = SessionOptions { threads: options.threads };
+        let mut model = OnnxModel::load(dir, manifest.clone(), env, &session_options)?;
+        let load_time = start.elapsed();
+        let warm_up_time = model.warm_up()?;
+        Ok(Self { manifest, model, tokenizer, chat, library: library.to_path_buf(), load_time, warm_up_time })
+    }
+
+    /// Renders chat messages with the model's template and tokenizes them.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        let template = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| chat::TemplateError(format!("model {} has no chat template", self.manifest.id)))?;
+        let text = template.render(messages, true)?;
+        Ok(self.tokenizer.encode(&text)?)
+    }
+}

@@ -1,0 +1,7 @@
+//! lambda-llm: an OpenAI-compatible LLM API over a quantized ONNX Transformer, for AWS Lambda and the laptop.
+
+pub mod config;
+pub mod core;
+pub mod engine;
+pub mod telemetry;
+pub mod cli;
