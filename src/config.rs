@@ -1,6 +1,7 @@
 //! The one place that reads the environment: raw variables become a validated [`Config`] at start.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Default model artifact directory, relative to the working directory (the repository when run locally).
 pub const DEFAULT_MODEL_DIR: &str = "model-artifacts/smollm2-135m-instruct";
@@ -25,6 +26,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `MODEL_THREADS`: intra-op threads for the model (default: all available cores).
     pub threads: Option<usize>,
+    /// `API_KEYS_FILE`: the local keys file (a `--keys-file` flag overrides it; unset: `keys::DEFAULT_KEYS_FILE`).
+    pub api_keys_file: Option<PathBuf>,
+    /// `KEYS_CACHE_TTL_SECONDS`: how long a loaded keys document is trusted before it is read again (default 60).
+    pub keys_cache_ttl: Duration,
 }
 
 /// An environment variable with an unusable value.
@@ -52,7 +57,11 @@ impl Config {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                return Err(ConfigError { name: "LOG_FORMAT", value: other.into(), reason: "expected text or json" })
+                return Err(ConfigError {
+                    name: "LOG_FORMAT",
+                    value: other.into(),
+                    reason: "expected text or json",
+                })
             }
         };
         let threads = match get("MODEL_THREADS") {
@@ -63,11 +72,21 @@ impl Config {
                 reason: "expected a positive integer",
             })?),
         };
+        let keys_cache_ttl = match get("KEYS_CACHE_TTL_SECONDS") {
+            None => crate::keys::DEFAULT_CACHE_TTL,
+            Some(v) => Duration::from_secs(v.trim().parse::<u64>().map_err(|_| ConfigError {
+                name: "KEYS_CACHE_TTL_SECONDS",
+                value: v.clone(),
+                reason: "expected a whole number of seconds (0 or more)",
+            })?),
+        };
         Ok(Self {
             model_dir: get("MODEL_DIR").map_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR), PathBuf::from),
             ort_dylib_path: get("ORT_DYLIB_PATH").map(PathBuf::from),
             log_format,
             threads,
+            api_keys_file: get("API_KEYS_FILE").map(PathBuf::from),
+            keys_cache_ttl,
         })
     }
 }
@@ -89,17 +108,39 @@ mod tests {
         assert_eq!(c.ort_dylib_path, None);
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.threads, None);
+        assert_eq!(c.api_keys_file, None);
+        assert_eq!(c.keys_cache_ttl, Duration::from_secs(60));
     }
 
     #[test]
     fn variables_are_read_and_checked() {
-        let c = cfg(&[("MODEL_DIR", "/opt/model"), ("ORT_DYLIB_PATH", "/x/lib.so"), ("LOG_FORMAT", "json"), ("MODEL_THREADS", "2")])
-            .unwrap();
+        let c = cfg(&[
+            ("MODEL_DIR", "/opt/model"),
+            ("ORT_DYLIB_PATH", "/x/lib.so"),
+            ("LOG_FORMAT", "json"),
+            ("MODEL_THREADS", "2"),
+        ])
+        .unwrap();
         assert_eq!(c.model_dir, PathBuf::from("/opt/model"));
         assert_eq!(c.ort_dylib_path, Some(PathBuf::from("/x/lib.so")));
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.threads, Some(2));
         assert_eq!(cfg(&[("LOG_FORMAT", "xml")]).unwrap_err().name, "LOG_FORMAT");
         assert_eq!(cfg(&[("MODEL_THREADS", "0")]).unwrap_err().name, "MODEL_THREADS");
+    }
+
+    #[test]
+    fn keys_variables_are_read_and_checked() {
+        let c = cfg(&[("API_KEYS_FILE", "/etc/keys.json"), ("KEYS_CACHE_TTL_SECONDS", " 0 ")]).unwrap();
+        assert_eq!(c.api_keys_file, Some(PathBuf::from("/etc/keys.json")));
+        assert_eq!(c.keys_cache_ttl, Duration::ZERO);
+        assert_eq!(
+            cfg(&[("KEYS_CACHE_TTL_SECONDS", "300")]).unwrap().keys_cache_ttl,
+            Duration::from_secs(300)
+        );
+        for bad in ["-1", "1.5", "soon"] {
+            let e = cfg(&[("KEYS_CACHE_TTL_SECONDS", bad)]).unwrap_err();
+            assert_eq!(e.name, "KEYS_CACHE_TTL_SECONDS");
+        }
     }
 }

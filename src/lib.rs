@@ -1,7 +1,8 @@
 //! lambda-llm: an OpenAI-compatible LLM API over a quantized ONNX Transformer, for AWS Lambda and the laptop.
 
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod engine;
+pub mod keys;
 pub mod telemetry;
-pub mod cli;

@@ -22,7 +22,10 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
 
 #[test]
 fn a_missing_model_directory_is_a_clear_error() {
-    let out = lambda_llm().args(["complete", "hi", "--model-dir", "/nonexistent/model"]).output().unwrap();
+    let out = lambda_llm()
+        .args(["complete", "hi", "--model-dir", "/nonexistent/model"])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("/nonexistent/model/manifest.json"), "{stderr}");
@@ -31,7 +34,11 @@ fn a_missing_model_directory_is_a_clear_error() {
 
 #[test]
 fn a_bad_environment_value_is_a_clear_error() {
-    let out = lambda_llm().args(["complete", "hi"]).env("LOG_FORMAT", "xml").output().unwrap();
+    let out = lambda_llm()
+        .args(["complete", "hi"])
+        .env("LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("LOG_FORMAT"), "{stderr}");

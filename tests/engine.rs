@@ -51,7 +51,10 @@ fn capital_of_france_is_paris_and_stops_at_im_end() {
 fn max_tokens_five_gives_five_tokens_and_length() {
     let mut e = engine();
     let prompt = e.tokenizer.encode("Once upon a time").unwrap();
-    let (g, _) = run(&mut e, &GenerationRequest::new(prompt.clone(), 5, SamplingParams::greedy()));
+    let (g, _) = run(
+        &mut e,
+        &GenerationRequest::new(prompt.clone(), 5, SamplingParams::greedy()),
+    );
     assert_eq!(g.usage.completion_tokens, 5);
     assert_eq!(g.token_ids.len(), 5);
     assert_eq!(g.finish_reason, FinishReason::Length);
@@ -63,7 +66,12 @@ fn same_seed_same_text_and_greedy_is_deterministic() {
     let mut e = engine();
     let prompt = chat(&e, "Write a short poem about the sea.");
     let sampled = |e: &mut Engine, seed| {
-        let s = SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(seed), ..SamplingParams::default() };
+        let s = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
         run(e, &GenerationRequest::new(prompt.clone(), 24, s)).0
     };
     let a = sampled(&mut e, 1234);
@@ -72,8 +80,16 @@ fn same_seed_same_text_and_greedy_is_deterministic() {
     assert_eq!(a.token_ids, b.token_ids);
     assert_eq!(a.text, b.text);
     assert_ne!(a.token_ids, c.token_ids, "another seed should sample differently");
-    let g1 = run(&mut e, &GenerationRequest::new(prompt.clone(), 16, SamplingParams::greedy())).0;
-    let g2 = run(&mut e, &GenerationRequest::new(prompt.clone(), 16, SamplingParams::greedy())).0;
+    let g1 = run(
+        &mut e,
+        &GenerationRequest::new(prompt.clone(), 16, SamplingParams::greedy()),
+    )
+    .0;
+    let g2 = run(
+        &mut e,
+        &GenerationRequest::new(prompt.clone(), 16, SamplingParams::greedy()),
+    )
+    .0;
     assert_eq!(g1.token_ids, g2.token_ids);
 }
 
@@ -82,9 +98,17 @@ fn chinese_and_emoji_stream_without_broken_characters() {
     let mut e = engine();
     let prompt = chat(&e, "请用中文介绍一下北京，并加上一个表情符号 😀");
     let (g, deltas) = run(&mut e, &GenerationRequest::new(prompt, 48, SamplingParams::greedy()));
-    assert!(g.text.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)), "{:?}", g.text);
+    assert!(
+        g.text.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)),
+        "{:?}",
+        g.text
+    );
     for d in &deltas {
-        assert!(!d.text.contains('\u{FFFD}'), "delta with a broken character: {:?}", d.text);
+        assert!(
+            !d.text.contains('\u{FFFD}'),
+            "delta with a broken character: {:?}",
+            d.text
+        );
     }
     assert_eq!(deltas.iter().map(|d| d.text.as_str()).collect::<String>(), g.text);
 }
@@ -93,7 +117,11 @@ fn chinese_and_emoji_stream_without_broken_characters() {
 fn stop_string_is_not_emitted_on_the_real_model() {
     let mut e = engine();
     let prompt = chat(&e, "Count from 1 to 10, separated by commas.");
-    let greedy = run(&mut e, &GenerationRequest::new(prompt.clone(), 40, SamplingParams::greedy())).0;
+    let greedy = run(
+        &mut e,
+        &GenerationRequest::new(prompt.clone(), 40, SamplingParams::greedy()),
+    )
+    .0;
     assert!(greedy.text.contains('5'), "{:?}", greedy.text);
     let mut req = GenerationRequest::new(prompt, 40, SamplingParams::greedy());
     req.stop = vec!["5".into()];
@@ -131,9 +159,16 @@ fn kv_cache_path_matches_a_full_recompute() {
     let stepped = e.model.forward(last).unwrap().to_vec();
     e.model.reset(ids.len()).unwrap();
     let full = e.model.forward(&ids).unwrap().to_vec();
-    let max_diff = stepped.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let max_diff = stepped
+        .iter()
+        .zip(&full)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(max_diff < 1e-2, "max logit difference {max_diff}");
-    assert_eq!(lambda_llm::core::sampling::argmax(&stepped), lambda_llm::core::sampling::argmax(&full));
+    assert_eq!(
+        lambda_llm::core::sampling::argmax(&stepped),
+        lambda_llm::core::sampling::argmax(&full)
+    );
 }
 
 #[test]

@@ -140,7 +140,10 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
             report.warm_up_ms,
             report.peak_rss_mib.unwrap_or(f64::NAN)
         );
-        println!("{:<12} {:>7} {:>14} {:>13} {:>9}", "prompt", "tokens", "prefill tok/s", "decode tok/s", "TTFT ms");
+        println!(
+            "{:<12} {:>7} {:>14} {:>13} {:>9}",
+            "prompt", "tokens", "prefill tok/s", "decode tok/s", "TTFT ms"
+        );
         for p in &report.prompts {
             println!(
                 "{:<12} {:>7} {:>14.0} {:>13.1} {:>9.1}",
@@ -164,7 +167,12 @@ fn process_age_ms() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let after_name = &stat[stat.rfind(')')? + 2..];
     let start_ticks: f64 = after_name.split_whitespace().nth(19)?.parse().ok()?;
-    let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     // Linux reports start time in USER_HZ ticks, 100 on every mainstream configuration.
     Some((uptime - start_ticks / 100.0) * 1e3)
 }

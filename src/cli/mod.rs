@@ -1,6 +1,7 @@
 //! The `lambda-llm` command line: argument parsing and the commands that run the engine locally.
 
 mod bench;
+mod keys;
 
 use crate::config::Config;
 use crate::core::{generate, GenerationRequest, RawSampling};
@@ -29,6 +30,8 @@ pub enum Command {
     Chat(ChatArgs),
     /// Measure load time, prefill and decode speed, time to first token and peak memory.
     Bench(bench::BenchArgs),
+    /// Manage API keys: `keys new`, `keys list`, `keys revoke ID`.
+    Keys(keys::KeysArgs),
     /// Print the token ids of TEXT as a JSON array; with no TEXT, read one JSON string per stdin line.
     Tokenize(TokenizeArgs),
 }
@@ -54,7 +57,10 @@ impl ModelArgs {
     /// Loads the engine from the flag, else the config.
     pub fn load(&self, config: &Config) -> Result<Engine> {
         let dir = self.model_dir.clone().unwrap_or_else(|| config.model_dir.clone());
-        let options = EngineOptions { ort_dylib_path: config.ort_dylib_path.clone(), threads: config.threads };
+        let options = EngineOptions {
+            ort_dylib_path: config.ort_dylib_path.clone(),
+            threads: config.threads,
+        };
         let engine = Engine::load(&dir, &options).with_context(|| format!("loading model from {}", dir.display()))?;
         tracing::info!(
             model = %engine.manifest.id,
@@ -139,6 +145,7 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
             stream(engine, prompt, &a.gen)
         }
         Command::Bench(a) => bench::run(&a, &config),
+        Command::Keys(a) => keys::run(&a, &config),
         Command::Tokenize(a) => tokenize(&a, &config),
     }
 }

@@ -118,7 +118,12 @@ pub(crate) mod tests {
 
     #[test]
     fn ascii_and_punctuation_stream_immediately() {
-        let dec = ByteDecoder(vec![b"Hello".to_vec(), b",".to_vec(), b" world".to_vec(), b"!".to_vec()]);
+        let dec = ByteDecoder(vec![
+            b"Hello".to_vec(),
+            b",".to_vec(),
+            b" world".to_vec(),
+            b"!".to_vec(),
+        ]);
         assert_eq!(stream_all(&dec, &[0, 1, 2, 3]), vec!["Hello", ",", " world", "!", ""]);
     }
 

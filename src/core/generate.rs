@@ -30,7 +30,15 @@ pub struct GenerationRequest {
 impl GenerationRequest {
     /// A request with default sampling and no stops.
     pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
-        Self { prompt, max_tokens, sampling, stop: Vec::new(), stop_token_ids: Vec::new(), logprobs: None, deadline: None }
+        Self {
+            prompt,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+            deadline: None,
+        }
     }
 }
 
@@ -164,10 +172,15 @@ where
         return Err(ModelError::InvalidInput("empty prompt".into()));
     }
     if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        return Err(ModelError::InvalidInput(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
     }
     if req.prompt.len() >= context {
-        return Err(ModelError::CapacityExceeded { requested: req.prompt.len() + 1, capacity: context });
+        return Err(ModelError::CapacityExceeded {
+            requested: req.prompt.len() + 1,
+            capacity: context,
+        });
     }
     let capacity = (req.prompt.len() + req.max_tokens).min(context);
     model.reset(capacity)?;
@@ -190,12 +203,19 @@ where
 
     let mut emit = |delta_text: String, release_all: bool, pending: &mut Pending, text: &mut String| {
         text.push_str(&delta_text);
-        let lps = if release_all { pending.queue.drain(..).map(|(_, t)| t).collect() } else { pending.release(text.len()) };
+        let lps = if release_all {
+            pending.queue.drain(..).map(|(_, t)| t).collect()
+        } else {
+            pending.release(text.len())
+        };
         all_logprobs.extend(lps.iter().cloned());
         if delta_text.is_empty() && lps.is_empty() {
             return ControlFlow::Continue(());
         }
-        sink(Delta { text: delta_text, logprobs: lps })
+        sink(Delta {
+            text: delta_text,
+            logprobs: lps,
+        })
     };
 
     for step in 0..req.max_tokens {
@@ -218,9 +238,23 @@ where
             let (lp, top) = logprobs(&logits, tok, n);
             let top = top
                 .into_iter()
-                .map(|(id, logprob)| Ok(TopLogprob { id, text: decoder.decode(&[id])?, logprob }))
+                .map(|(id, logprob)| {
+                    Ok(TopLogprob {
+                        id,
+                        text: decoder.decode(&[id])?,
+                        logprob,
+                    })
+                })
                 .collect::<Result<Vec<_>, ModelError>>()?;
-            pending.queue.push_back((produced, TokenLogprob { id: tok, text: decoder.decode(&[tok])?, logprob: lp, top }));
+            pending.queue.push_back((
+                produced,
+                TokenLogprob {
+                    id: tok,
+                    text: decoder.decode(&[tok])?,
+                    logprob: lp,
+                    top,
+                },
+            ));
         }
         produced += piece.len();
         let flow = match stops.push(&piece) {
@@ -266,8 +300,15 @@ where
         token_ids,
         logprobs: all_logprobs,
         finish_reason: finish,
-        usage: Usage { prompt_tokens: req.prompt.len(), completion_tokens },
-        timings: Timings { prefill, first_token, decode: start.elapsed().saturating_sub(prefill) },
+        usage: Usage {
+            prompt_tokens: req.prompt.len(),
+            completion_tokens,
+        },
+        timings: Timings {
+            prefill,
+            first_token,
+            decode: start.elapsed().saturating_sub(prefill),
+        },
     })
 }
 

@@ -17,7 +17,12 @@ struct Scripted {
 impl Scripted {
     fn new(vocab: usize, context: usize, script: &[u32]) -> Self {
         Self {
-            info: ModelInfo { id: "scripted".into(), vocab_size: vocab, context_length: context, eos_ids: vec![0] },
+            info: ModelInfo {
+                id: "scripted".into(),
+                vocab_size: vocab,
+                context_length: context,
+                eos_ids: vec![0],
+            },
             script: script.to_vec(),
             pos: 0,
             logits: vec![0.0; vocab],
@@ -78,7 +83,13 @@ fn eos_ends_with_stop_and_is_not_emitted() {
     assert_eq!(g.text, "Hello, world");
     assert_eq!(g.finish_reason, FinishReason::Stop);
     assert_eq!(g.token_ids, vec![1, 2, 3, 4, 0]);
-    assert_eq!(g.usage, Usage { prompt_tokens: 1, completion_tokens: 5 });
+    assert_eq!(
+        g.usage,
+        Usage {
+            prompt_tokens: 1,
+            completion_tokens: 5
+        }
+    );
     assert_eq!(deltas.iter().map(|d| d.text.as_str()).collect::<String>(), g.text);
     // Prompt once, then one token per step; never a forward after EOS.
     assert_eq!(m.calls, vec![vec![5], vec![1], vec![2], vec![3], vec![4]]);
@@ -113,7 +124,10 @@ fn a_held_stop_prefix_is_released_when_it_does_not_match() {
     req.stop = vec!["\n\nUser:".into()];
     let (g, deltas) = run(&mut m, &req);
     assert_eq!(g.text, "Hello\n again");
-    assert_eq!(deltas.iter().map(|d| d.text.as_str()).collect::<Vec<_>>(), vec!["Hello", "\n again"]);
+    assert_eq!(
+        deltas.iter().map(|d| d.text.as_str()).collect::<Vec<_>>(),
+        vec!["Hello", "\n again"]
+    );
 }
 
 #[test]
@@ -121,7 +135,10 @@ fn emoji_split_over_byte_tokens_streams_whole() {
     let mut m = Scripted::new(14, 64, &[1, 10, 11, 12, 13, 9, 0]);
     let (g, deltas) = run(&mut m, &greedy(&[2], 16));
     assert_eq!(g.text, "Hello😀!");
-    assert_eq!(deltas.iter().map(|d| d.text.as_str()).collect::<Vec<_>>(), vec!["Hello", "😀", "!"]);
+    assert_eq!(
+        deltas.iter().map(|d| d.text.as_str()).collect::<Vec<_>>(),
+        vec!["Hello", "😀", "!"]
+    );
 }
 
 #[test]
@@ -136,9 +153,18 @@ fn context_length_caps_generation() {
 #[test]
 fn a_prompt_that_fills_the_context_is_refused() {
     let mut m = Scripted::new(14, 3, &[9]);
-    let err = generate(&mut m, &decoder(), &greedy(&[1, 2, 3], 1), &mut |_| ControlFlow::Continue(())).unwrap_err();
+    let err = generate(&mut m, &decoder(), &greedy(&[1, 2, 3], 1), &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err();
     assert!(matches!(err, ModelError::CapacityExceeded { .. }));
-    let err = generate(&mut m, &decoder(), &greedy(&[99], 1), &mut |_| ControlFlow::Continue(())).unwrap_err();
+    let err = generate(
+        &mut m,
+        &decoder(),
+        &greedy(&[99], 1),
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap_err();
     assert!(matches!(err, ModelError::InvalidInput(_)));
 }
 
@@ -172,7 +198,13 @@ fn logprobs_follow_their_text_and_stop_at_the_stop_string() {
     assert_eq!(g.text, "Hello,\n");
     let ids: Vec<u32> = g.logprobs.iter().map(|t| t.id).collect();
     assert_eq!(ids, vec![1, 2, 5]);
-    assert_eq!(deltas.iter().flat_map(|d| d.logprobs.iter().map(|t| t.id)).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        deltas
+            .iter()
+            .flat_map(|d| d.logprobs.iter().map(|t| t.id))
+            .collect::<Vec<_>>(),
+        ids
+    );
     let first = &g.logprobs[0];
     assert_eq!(first.text, "Hello");
     assert_eq!(first.top.len(), 2);
@@ -200,10 +232,23 @@ fn same_seed_gives_the_same_tokens_and_another_seed_differs() {
     let sample = |seed| {
         let mut logits = vec![f32::NEG_INFINITY; 14];
         logits[1..=9].iter_mut().for_each(|l| *l = 0.0);
-        let mut m = Flat(ModelInfo { id: "flat".into(), vocab_size: 14, context_length: 64, eos_ids: vec![0] }, logits);
-        let sampling = SamplingParams { seed: Some(seed), ..SamplingParams::default() };
+        let mut m = Flat(
+            ModelInfo {
+                id: "flat".into(),
+                vocab_size: 14,
+                context_length: 64,
+                eos_ids: vec![0],
+            },
+            logits,
+        );
+        let sampling = SamplingParams {
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
         let req = GenerationRequest::new(vec![1], 20, sampling);
-        generate(&mut m, &decoder(), &req, &mut |_| ControlFlow::Continue(())).unwrap().token_ids
+        generate(&mut m, &decoder(), &req, &mut |_| ControlFlow::Continue(()))
+            .unwrap()
+            .token_ids
     };
     assert_eq!(sample(11), sample(11));
     assert_ne!(sample(11), sample(12));

@@ -47,7 +47,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding with no penalties.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 }
 
@@ -200,7 +203,11 @@ fn nucleus(cands: &mut Vec<(u32, f32)>, top_p: f32) {
     let target = top_p as f64 * total;
     let mut threshold = 0.1f32;
     while threshold > 1e-30 {
-        let above: f64 = cands.iter().filter(|&&(_, p)| p >= threshold).map(|&(_, p)| p as f64).sum();
+        let above: f64 = cands
+            .iter()
+            .filter(|&&(_, p)| p >= threshold)
+            .map(|&(_, p)| p as f64)
+            .sum();
         if above >= target {
             cands.retain(|&(_, p)| p >= threshold);
             break;
@@ -271,12 +278,18 @@ mod tests {
     }
 
     fn seeded(seed: u64) -> SamplingParams {
-        SamplingParams { seed: Some(seed), ..SamplingParams::default() }
+        SamplingParams {
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
     }
 
     #[test]
     fn greedy_takes_argmax_and_lowest_id_on_ties() {
-        assert_eq!(draws(SamplingParams::greedy(), &[0.1, 3.0, 3.0, -1.0], 3), vec![1, 1, 1]);
+        assert_eq!(
+            draws(SamplingParams::greedy(), &[0.1, 3.0, 3.0, -1.0], 3),
+            vec![1, 1, 1]
+        );
         assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
     }
 
@@ -312,12 +325,36 @@ mod tests {
             d
         };
         assert_eq!(only(SamplingParams { top_k: 2, ..seeded(1) }), vec![0, 1]);
-        assert_eq!(only(SamplingParams { top_p: 0.5, ..seeded(1) }), vec![0]);
+        assert_eq!(
+            only(SamplingParams {
+                top_p: 0.5,
+                ..seeded(1)
+            }),
+            vec![0]
+        );
         // p(0)≈0.72, p(1)≈0.26: 0.9 needs both, not more.
-        assert_eq!(only(SamplingParams { top_p: 0.9, ..seeded(1) }), vec![0, 1]);
+        assert_eq!(
+            only(SamplingParams {
+                top_p: 0.9,
+                ..seeded(1)
+            }),
+            vec![0, 1]
+        );
         // min_p 0.1: exp(1-5)=0.018 < 0.1, exp(4-5)=0.37 kept.
-        assert_eq!(only(SamplingParams { min_p: 0.1, ..seeded(1) }), vec![0, 1]);
-        assert_eq!(only(SamplingParams { temperature: 100.0, ..seeded(1) }), vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            only(SamplingParams {
+                min_p: 0.1,
+                ..seeded(1)
+            }),
+            vec![0, 1]
+        );
+        assert_eq!(
+            only(SamplingParams {
+                temperature: 100.0,
+                ..seeded(1)
+            }),
+            vec![0, 1, 2, 3, 4]
+        );
     }
 
     #[test]

@@ -93,7 +93,10 @@ mod tests {
 
     #[test]
     fn stop_string_spanning_tokens_is_found_and_not_emitted() {
-        assert_eq!(run(&["\n\nUser:"], &["Hi", " there", "\n", "\nUs", "er:", " more"]), ("Hi there".into(), true));
+        assert_eq!(
+            run(&["\n\nUser:"], &["Hi", " there", "\n", "\nUs", "er:", " more"]),
+            ("Hi there".into(), true)
+        );
     }
 
     #[test]

@@ -18,7 +18,11 @@ pub struct ValidationError {
 impl ValidationError {
     /// An error about `param`.
     pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { param: param.into(), message: message.into(), code: None }
+        Self {
+            param: param.into(),
+            message: message.into(),
+            code: None,
+        }
     }
 
     /// The same error with an OpenAI error code.
@@ -51,14 +55,26 @@ pub struct RawSampling {
     pub logit_bias: Option<BTreeMap<String, f64>>,
 }
 
-fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, lo_open: bool, default: f64) -> Result<f32, ValidationError> {
-    let Some(v) = v else { return Ok(default as f32) };
+fn in_range(
+    param: &str,
+    v: Option<f64>,
+    lo: f64,
+    hi: f64,
+    lo_open: bool,
+    default: f64,
+) -> Result<f32, ValidationError> {
+    let Some(v) = v else {
+        return Ok(default as f32);
+    };
     let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
     if ok {
         Ok(v as f32)
     } else {
         let op = if lo_open { ">" } else { ">=" };
-        Err(ValidationError::new(param, format!("`{param}` must be {op} {lo} and <= {hi}, got {v}")))
+        Err(ValidationError::new(
+            param,
+            format!("`{param}` must be {op} {lo} and <= {hi}, got {v}"),
+        ))
     }
 }
 
@@ -74,7 +90,12 @@ impl RawSampling {
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX).min(vocab_size),
-            Some(k) => return Err(ValidationError::new("top_k", format!("`top_k` must be >= 0 (or -1 to disable), got {k}"))),
+            Some(k) => {
+                return Err(ValidationError::new(
+                    "top_k",
+                    format!("`top_k` must be >= 0 (or -1 to disable), got {k}"),
+                ))
+            }
         };
         let mut logit_bias = Vec::new();
         for (key, &bias) in self.logit_bias.iter().flatten() {
@@ -86,7 +107,10 @@ impl RawSampling {
                 .ok_or_else(|| {
                     ValidationError::new(
                         "logit_bias",
-                        format!("`logit_bias` keys must be token ids between 0 and {}, got {key:?}", vocab_size - 1),
+                        format!(
+                            "`logit_bias` keys must be token ids between 0 and {}, got {key:?}",
+                            vocab_size - 1
+                        ),
                     )
                 })?;
             if !(bias.is_finite() && (-100.0..=100.0).contains(&bias)) {
@@ -114,7 +138,10 @@ impl RawSampling {
 /// Checks that a prompt of `prompt_tokens` plus `max_tokens` new ones fits the context.
 pub fn check_context(prompt_tokens: usize, max_tokens: usize, context_length: usize) -> Result<(), ValidationError> {
     if prompt_tokens == 0 {
-        return Err(ValidationError::new("prompt", "the prompt must contain at least one token"));
+        return Err(ValidationError::new(
+            "prompt",
+            "the prompt must contain at least one token",
+        ));
     }
     if prompt_tokens + max_tokens > context_length {
         return Err(ValidationError::new(
@@ -143,14 +170,34 @@ mod tests {
 
     #[test]
     fn out_of_range_values_name_the_field_and_limit() {
-        let e = RawSampling { temperature: Some(2.5), ..Default::default() }.validate(10).unwrap_err();
+        let e = RawSampling {
+            temperature: Some(2.5),
+            ..Default::default()
+        }
+        .validate(10)
+        .unwrap_err();
         assert_eq!(e.param, "temperature");
         assert_eq!(e.message, "`temperature` must be >= 0 and <= 2, got 2.5");
-        let e = RawSampling { top_p: Some(0.0), ..Default::default() }.validate(10).unwrap_err();
+        let e = RawSampling {
+            top_p: Some(0.0),
+            ..Default::default()
+        }
+        .validate(10)
+        .unwrap_err();
         assert_eq!(e.message, "`top_p` must be > 0 and <= 1, got 0");
-        let e = RawSampling { top_k: Some(-5), ..Default::default() }.validate(10).unwrap_err();
+        let e = RawSampling {
+            top_k: Some(-5),
+            ..Default::default()
+        }
+        .validate(10)
+        .unwrap_err();
         assert_eq!(e.param, "top_k");
-        let e = RawSampling { presence_penalty: Some(f64::NAN), ..Default::default() }.validate(10).unwrap_err();
+        let e = RawSampling {
+            presence_penalty: Some(f64::NAN),
+            ..Default::default()
+        }
+        .validate(10)
+        .unwrap_err();
         assert_eq!(e.param, "presence_penalty");
     }
 

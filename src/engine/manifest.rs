@@ -93,20 +93,20 @@ pub struct Manifest {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// The file is missing or unreadable.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The manifest path.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (part of the message, not a separate cause, so it is printed once).
+        error: std::io::Error,
     },
     /// The JSON does not match the expected shape.
-    #[error("invalid manifest {path}: {source}")]
+    #[error("invalid manifest {path}: {error}")]
     Parse {
         /// The manifest path.
         path: PathBuf,
         /// The JSON error.
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// A field has an impossible value.
     #[error("invalid manifest {path}: {message}")]
@@ -122,15 +122,28 @@ impl Manifest {
     /// Reads and checks `DIR/manifest.json`.
     pub fn load(dir: &Path) -> Result<Self, ManifestError> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Read { path: path.clone(), source })?;
-        let m: Manifest =
-            serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: path.clone(), source })?;
-        let invalid = |message: String| ManifestError::Invalid { path: path.clone(), message };
+        let text = std::fs::read_to_string(&path).map_err(|error| ManifestError::Read {
+            path: path.clone(),
+            error,
+        })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|error| ManifestError::Parse {
+            path: path.clone(),
+            error,
+        })?;
+        let invalid = |message: String| ManifestError::Invalid {
+            path: path.clone(),
+            message,
+        };
         if m.layers == 0 || m.kv_heads == 0 || m.head_dim == 0 || m.vocab_size == 0 || m.context_length == 0 {
-            return Err(invalid("layers, kv_heads, head_dim, vocab_size and context_length must be > 0".into()));
+            return Err(invalid(
+                "layers, kv_heads, head_dim, vocab_size and context_length must be > 0".into(),
+            ));
         }
         if m.heads % m.kv_heads != 0 {
-            return Err(invalid(format!("heads ({}) must be a multiple of kv_heads ({})", m.heads, m.kv_heads)));
+            return Err(invalid(format!(
+                "heads ({}) must be a multiple of kv_heads ({})",
+                m.heads, m.kv_heads
+            )));
         }
         if let Some(&bad) = m.eos_ids.iter().find(|&&e| e as usize >= m.vocab_size) {
             return Err(invalid(format!("eos id {bad} is outside the vocabulary")));

@@ -76,11 +76,21 @@ impl Engine {
             )?),
             None => None,
         };
-        let session_options = SessionOptions { threads: options.threads };
+        let session_options = SessionOptions {
+            threads: options.threads,
+        };
         let mut model = OnnxModel::load(dir, manifest.clone(), env, &session_options)?;
         let load_time = start.elapsed();
         let warm_up_time = model.warm_up()?;
-        Ok(Self { manifest, model, tokenizer, chat, library: library.to_path_buf(), load_time, warm_up_time })
+        Ok(Self {
+            manifest,
+            model,
+            tokenizer,
+            chat,
+            library: library.to_path_buf(),
+            load_time,
+            warm_up_time,
+        })
     }
 
     /// Renders chat messages with the model's template and tokenizes them.

@@ -21,7 +21,10 @@ pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
         return vec![p.to_path_buf()];
     }
     let mut out = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         out.push(dir.join(LIBRARY_NAME));
         if let Some(up) = dir.parent() {
             out.push(up.join(LIBRARY_NAME));
@@ -32,7 +35,9 @@ pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
 }
 
 /// Loads ONNX Runtime once per process and returns the path it came from and the shared environment.
-pub fn environment(explicit: Option<&Path>) -> Result<(&'static Path, &'static ort::environment::Environment), RuntimeError> {
+pub fn environment(
+    explicit: Option<&Path>,
+) -> Result<(&'static Path, &'static ort::environment::Environment), RuntimeError> {
     let loaded = ENVIRONMENT.get_or_init(|| load(explicit));
     match loaded {
         Ok((p, env)) => Ok((p.as_path(), env)),

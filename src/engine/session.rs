@@ -63,7 +63,8 @@ impl OnnxModel {
             .map_err(|e| ModelError::Backend(format!("cannot load {}: {e}", path.display())))?;
         let mut binding = session.create_binding().map_err(backend)?;
         // The logits are bound first: ORT returns outputs in bind order.
-        let mut logits = Tensor::<f32>::new(&Allocator::default(), [1usize, 1, manifest.vocab_size]).map_err(backend)?;
+        let mut logits =
+            Tensor::<f32>::new(&Allocator::default(), [1usize, 1, manifest.vocab_size]).map_err(backend)?;
         binding.bind_output(&manifest.io.logits, &mut logits).map_err(backend)?;
         let info = ModelInfo {
             id: manifest.id.clone(),
@@ -71,7 +72,16 @@ impl OnnxModel {
             context_length: manifest.context_length,
             eos_ids: manifest.eos_ids.clone(),
         };
-        let mut model = Self { info, manifest, session, binding, capacity: 0, len: 0, logits, threads };
+        let mut model = Self {
+            info,
+            manifest,
+            session,
+            binding,
+            capacity: 0,
+            len: 0,
+            logits,
+            threads,
+        };
         model.ensure_capacity(MIN_KV_CAPACITY.min(model.manifest.context_length))?;
         Ok(model)
     }
@@ -97,19 +107,32 @@ impl OnnxModel {
             return Ok(());
         }
         let m = &self.manifest;
-        let capacity = needed.next_power_of_two().clamp(MIN_KV_CAPACITY, m.context_length).max(needed);
+        let capacity = needed
+            .next_power_of_two()
+            .clamp(MIN_KV_CAPACITY, m.context_length)
+            .max(needed);
         let shape = [1usize, m.kv_heads, capacity, m.head_dim];
         // Unbinding drops the old buffers first, so peak memory is one cache, not two.
         self.binding.clear();
-        self.binding.bind_output(&m.io.logits, &mut self.logits).map_err(backend)?;
+        self.binding
+            .bind_output(&m.io.logits, &mut self.logits)
+            .map_err(backend)?;
         for i in 0..m.layers {
             let mut key = Tensor::<f32>::new(&Allocator::default(), shape).map_err(backend)?;
             let mut value = Tensor::<f32>::new(&Allocator::default(), shape).map_err(backend)?;
             let io: &IoNames = &m.io;
-            self.binding.bind_input(IoNames::layer(&io.past_key, i), &key).map_err(backend)?;
-            self.binding.bind_input(IoNames::layer(&io.past_value, i), &value).map_err(backend)?;
-            self.binding.bind_output(IoNames::layer(&io.present_key, i), &mut key).map_err(backend)?;
-            self.binding.bind_output(IoNames::layer(&io.present_value, i), &mut value).map_err(backend)?;
+            self.binding
+                .bind_input(IoNames::layer(&io.past_key, i), &key)
+                .map_err(backend)?;
+            self.binding
+                .bind_input(IoNames::layer(&io.past_value, i), &value)
+                .map_err(backend)?;
+            self.binding
+                .bind_output(IoNames::layer(&io.present_key, i), &mut key)
+                .map_err(backend)?;
+            self.binding
+                .bind_output(IoNames::layer(&io.present_value, i), &mut value)
+                .map_err(backend)?;
         }
         self.capacity = capacity;
         Ok(())
@@ -123,7 +146,10 @@ impl Model for OnnxModel {
 
     fn reset(&mut self, capacity: usize) -> Result<(), ModelError> {
         if capacity > self.manifest.context_length {
-            return Err(ModelError::CapacityExceeded { requested: capacity, capacity: self.manifest.context_length });
+            return Err(ModelError::CapacityExceeded {
+                requested: capacity,
+                capacity: self.manifest.context_length,
+            });
         }
         self.ensure_capacity(capacity)?;
         self.len = 0;
@@ -136,10 +162,15 @@ impl Model for OnnxModel {
         }
         let total = self.len + tokens.len();
         if total > self.capacity {
-            return Err(ModelError::CapacityExceeded { requested: total, capacity: self.capacity });
+            return Err(ModelError::CapacityExceeded {
+                requested: total,
+                capacity: self.capacity,
+            });
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary")));
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
         }
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let input_ids = Tensor::from_array(([1usize, ids.len()], ids)).map_err(backend)?;

@@ -20,7 +20,10 @@ impl TextTokenizer {
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self.inner.encode(text, false).map_err(|e| ModelError::Backend(format!("tokenize: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Backend(format!("tokenize: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         ids.extend(self.bos);
         ids.extend_from_slice(enc.get_ids());
@@ -29,7 +32,9 @@ impl TextTokenizer {
 
     /// Decodes ids; `skip_special` drops control tokens such as `<|im_end|>`.
     pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, ModelError> {
-        self.inner.decode(ids, skip_special).map_err(|e| ModelError::Backend(format!("detokenize: {e}")))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| ModelError::Backend(format!("detokenize: {e}")))
     }
 
     /// Vocabulary size including added tokens.

