@@ -34,7 +34,7 @@ setup: $(VENV)/.ok $(ORT_LIB) $(ARTIFACT)/manifest.json
 $(VENV)/.ok: $(REQS)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+
 	$(PY) -m pip install --quiet -r $(REQS)
 	touch $@
 

@@ -30,6 +30,27 @@ pub struct Config {
     pub api_keys_file: Option<PathBuf>,
     /// `KEYS_CACHE_TTL_SECONDS`: how long a loaded keys document is trusted before it is read again (default 60).
     pub keys_cache_ttl: Duration,
+    /// `MODEL_ALIASES`: `(alias, model id)` pairs, e.g. `text-davinci-003=smollm2-135m-instruct`.
+    pub model_aliases: Vec<(String, String)>,
+    /// `MAX_BODY_BYTES`, `REQUEST_TIMEOUT_SECONDS`: limits of the HTTP API.
+    pub limits: crate::http::Limits,
+    /// `MAX_QUEUE`: requests that may wait for the model before new ones get 503 (default 64).
+    pub max_queue: usize,
+}
+
+/// Requests that may wait for the model by default.
+pub const DEFAULT_MAX_QUEUE: usize = 64;
+
+/// `a=b,c=d` → `[(a, b), (c, d)]`; `None` if a pair is malformed.
+fn parse_aliases(v: &str) -> Option<Vec<(String, String)>> {
+    v.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (alias, id) = pair.split_once('=')?;
+            let (alias, id) = (alias.trim(), id.trim());
+            (!alias.is_empty() && !id.is_empty()).then(|| (alias.to_owned(), id.to_owned()))
+        })
+        .collect()
 }
 
 /// An environment variable with an unusable value.
@@ -64,22 +85,45 @@ impl Config {
                 })
             }
         };
-        let threads = match get("MODEL_THREADS") {
-            None => None,
-            Some(v) => Some(v.trim().parse::<usize>().ok().filter(|&n| n > 0).ok_or(ConfigError {
-                name: "MODEL_THREADS",
-                value: v.clone(),
-                reason: "expected a positive integer",
-            })?),
+        let number = |name: &'static str, min: u64| -> Result<Option<u64>, ConfigError> {
+            match get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n >= min)
+                    .map(Some)
+                    .ok_or(ConfigError {
+                        name,
+                        value: v.clone(),
+                        reason: if min == 0 {
+                            "expected a whole number (0 or more)"
+                        } else {
+                            "expected a positive integer"
+                        },
+                    }),
+            }
         };
-        let keys_cache_ttl = match get("KEYS_CACHE_TTL_SECONDS") {
-            None => crate::keys::DEFAULT_CACHE_TTL,
-            Some(v) => Duration::from_secs(v.trim().parse::<u64>().map_err(|_| ConfigError {
-                name: "KEYS_CACHE_TTL_SECONDS",
+        let threads = number("MODEL_THREADS", 1)?.map(|n| n as usize);
+        let keys_cache_ttl =
+            number("KEYS_CACHE_TTL_SECONDS", 0)?.map_or(crate::keys::DEFAULT_CACHE_TTL, Duration::from_secs);
+        let model_aliases = match get("MODEL_ALIASES") {
+            None => Vec::new(),
+            Some(v) => parse_aliases(&v).ok_or(ConfigError {
+                name: "MODEL_ALIASES",
                 value: v.clone(),
-                reason: "expected a whole number of seconds (0 or more)",
-            })?),
+                reason: "expected alias=model-id pairs separated by commas",
+            })?,
         };
+        let defaults = crate::http::Limits::default();
+        let limits = crate::http::Limits {
+            max_body_bytes: number("MAX_BODY_BYTES", 1)?.map_or(defaults.max_body_bytes, |n| n as usize),
+            request_timeout: number("REQUEST_TIMEOUT_SECONDS", 1)?
+                .map_or(defaults.request_timeout, Duration::from_secs),
+            ..defaults
+        };
+        let max_queue = number("MAX_QUEUE", 1)?.map_or(DEFAULT_MAX_QUEUE, |n| n as usize);
         Ok(Self {
             model_dir: get("MODEL_DIR").map_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR), PathBuf::from),
             ort_dylib_path: get("ORT_DYLIB_PATH").map(PathBuf::from),
@@ -87,6 +131,9 @@ impl Config {
             threads,
             api_keys_file: get("API_KEYS_FILE").map(PathBuf::from),
             keys_cache_ttl,
+            model_aliases,
+            limits,
+            max_queue,
         })
     }
 }
@@ -127,6 +174,33 @@ mod tests {
         assert_eq!(c.threads, Some(2));
         assert_eq!(cfg(&[("LOG_FORMAT", "xml")]).unwrap_err().name, "LOG_FORMAT");
         assert_eq!(cfg(&[("MODEL_THREADS", "0")]).unwrap_err().name, "MODEL_THREADS");
+    }
+
+    #[test]
+    fn aliases_and_limits_are_read_and_checked() {
+        let c = cfg(&[
+            (
+                "MODEL_ALIASES",
+                "text-davinci-003=smollm2-135m-instruct, gpt-3.5-turbo = smollm2-135m-instruct",
+            ),
+            ("MAX_BODY_BYTES", "1000"),
+            ("REQUEST_TIMEOUT_SECONDS", "7"),
+            ("MAX_QUEUE", "3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.model_aliases,
+            vec![
+                ("text-davinci-003".to_string(), "smollm2-135m-instruct".to_string()),
+                ("gpt-3.5-turbo".to_string(), "smollm2-135m-instruct".to_string())
+            ]
+        );
+        assert_eq!(c.limits.max_body_bytes, 1000);
+        assert_eq!(c.limits.request_timeout, Duration::from_secs(7));
+        assert_eq!(c.max_queue, 3);
+        assert_eq!(cfg(&[("MODEL_ALIASES", "nonsense")]).unwrap_err().name, "MODEL_ALIASES");
+        assert_eq!(cfg(&[("MAX_QUEUE", "0")]).unwrap_err().name, "MAX_QUEUE");
+        assert_eq!(cfg(&[]).unwrap().max_queue, DEFAULT_MAX_QUEUE);
     }
 
     #[test]

@@ -4,5 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod engine;
+pub mod http;
 pub mod keys;
+pub mod openai;
 pub mod telemetry;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod keys;
+mod serve;
 
 use crate::config::Config;
 use crate::core::{generate, GenerationRequest, RawSampling};
@@ -24,6 +25,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API on this machine.
+    Serve(serve::ServeArgs),
     /// Complete a prompt (raw text, no chat template), streaming to the terminal.
     Complete(CompleteArgs),
     /// Send one chat message (with the model's chat template), streaming the answer.
@@ -145,6 +148,7 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
             stream(engine, prompt, &a.gen)
         }
         Command::Bench(a) => bench::run(&a, &config),
+        Command::Serve(a) => serve::run(&a, &config),
         Command::Keys(a) => keys::run(&a, &config),
         Command::Tokenize(a) => tokenize(&a, &config),
     }

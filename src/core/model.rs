@@ -64,3 +64,9 @@ pub trait TokenDecoder {
     /// Decodes `ids` to text; incomplete UTF-8 sequences come back as U+FFFD.
     fn decode(&self, ids: &[u32]) -> Result<String, ModelError>;
 }
+
+impl<T: TokenDecoder + ?Sized> TokenDecoder for std::sync::Arc<T> {
+    fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        (**self).decode(ids)
+    }
+}

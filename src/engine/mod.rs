@@ -5,6 +5,7 @@ pub mod manifest;
 pub mod runtime;
 pub mod session;
 pub mod tokenizer;
+pub mod worker;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use manifest::Manifest;
@@ -13,6 +14,7 @@ pub use tokenizer::TextTokenizer;
 
 use crate::core::ModelError;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why the engine could not start.
@@ -47,10 +49,10 @@ pub struct Engine {
     pub manifest: Manifest,
     /// The decoder.
     pub model: OnnxModel,
-    /// Its tokenizer.
-    pub tokenizer: TextTokenizer,
+    /// Its tokenizer (shared with request handlers, which tokenize off the model's thread).
+    pub tokenizer: Arc<TextTokenizer>,
     /// Its chat template, if the artifact has one.
-    pub chat: Option<ChatTemplate>,
+    pub chat: Option<Arc<ChatTemplate>>,
     /// Where ONNX Runtime was loaded from.
     pub library: PathBuf,
     /// Time to load library, session and tokenizer.
@@ -69,13 +71,14 @@ impl Engine {
         let tokenizer = TextTokenizer::load(&dir.join(&manifest.files.tokenizer), bos)?;
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
         let chat = match &manifest.chat_template {
-            Some(src) => Some(ChatTemplate::new(
+            Some(src) => Some(Arc::new(ChatTemplate::new(
                 src,
                 &token_text(manifest.bos_id),
                 &token_text(manifest.eos_ids.first().copied()),
-            )?),
+            )?)),
             None => None,
         };
+        let tokenizer = Arc::new(tokenizer);
         let session_options = SessionOptions {
             threads: options.threads,
         };

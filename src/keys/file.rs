@@ -117,6 +117,18 @@ pub fn create_with_first_key(path: &Path, name: &str) -> Result<Option<String>, 
     Ok(Some(key))
 }
 
+/// Replaces the key named `name` (if any) with a fresh one and returns it; creates the file if missing.
+///
+/// For `serve --dev-key`: only hashes are stored, so a local dev key cannot be shown again — a new one is made.
+pub fn replace_named_key(path: &Path, name: &str) -> Result<String, KeysFileError> {
+    let mut doc = load_or_empty(path)?;
+    doc.keys.retain(|k| k.name != name);
+    let key = generate_key()?;
+    doc.keys.push(KeyRecord::new(generate_id()?, name, hash_key(&key)));
+    save_file(path, &doc)?;
+    Ok(key)
+}
+
 /// Creates `path` (which must not exist) with owner-only permissions and writes `bytes` durably.
 fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();

@@ -31,8 +31,8 @@ pub fn generate_id() -> Result<String, RandomError> {
     Ok(format!("{ID_PREFIX}{}", random_base62(ID_RANDOM_CHARS)?))
 }
 
-/// `n` uniformly random base62 characters.
-fn random_base62(n: usize) -> Result<String, RandomError> {
+/// `n` uniformly random base62 characters from the OS CSPRNG (also used for request ids).
+pub fn random_base62(n: usize) -> Result<String, RandomError> {
     let mut out = String::with_capacity(n);
     let mut buf = [0u8; 64];
     while out.len() < n {

@@ -1,0 +1,169 @@
+//! The HTTP API: one axum `Router` (OpenAI-compatible) that both the local server and the Lambda function run.
+
+mod auth;
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod extract;
+pub mod info;
+pub mod openapi;
+mod params;
+mod sse;
+
+use crate::engine::worker::Worker;
+use crate::engine::{ChatTemplate, TextTokenizer};
+use crate::keys::{KeyStore, RateLimiter};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post};
+use axum::{middleware, Router};
+use error::ApiError;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Limits applied by the router (each configurable; see `Config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest accepted request body in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// A generation ends with `length` after this long.
+    pub request_timeout: Duration,
+    /// Most stop strings per request.
+    pub max_stop: usize,
+    /// Largest `n` / `best_of`.
+    pub max_n: usize,
+    /// Interval of SSE keep-alive comments.
+    pub keep_alive: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(300),
+            max_stop: 4,
+            max_n: 16,
+            keep_alive: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The served model as clients see it: its id, its aliases, and its text side.
+pub struct ServedModel {
+    /// Canonical model id.
+    pub id: String,
+    /// Other names accepted in `model` (`MODEL_ALIASES`).
+    pub aliases: Vec<String>,
+    /// Unix seconds reported as `created`.
+    pub created: u64,
+    /// Tokenizer.
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Chat template.
+    pub chat: Option<Arc<ChatTemplate>>,
+    /// Context length.
+    pub context_length: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// `system_fingerprint`: build and model source.
+    pub fingerprint: String,
+}
+
+impl ServedModel {
+    /// The canonical id for a requested name (the id itself or an alias).
+    pub fn resolve(&self, name: &str) -> Option<&str> {
+        (name == self.id || self.aliases.iter().any(|a| a == name)).then_some(self.id.as_str())
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The served model.
+    pub model: Arc<ServedModel>,
+    /// The model thread and its queue.
+    pub worker: Worker,
+    /// API keys.
+    pub keys: Arc<dyn KeyStore>,
+    /// Per-key rpm/tpm limits.
+    pub limiter: Arc<RateLimiter>,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// Wires a loaded engine (its model goes to the model thread), a key store and the configuration together.
+    pub fn new(engine: crate::engine::Engine, keys: Arc<dyn KeyStore>, config: &crate::config::Config) -> Self {
+        let m = &engine.manifest;
+        let aliases = config
+            .model_aliases
+            .iter()
+            .filter(|(_, id)| *id == m.id)
+            .map(|(a, _)| a.clone())
+            .collect();
+        let fingerprint = format!(
+            "fp_{}_{}",
+            env!("CARGO_PKG_VERSION"),
+            m.source.sha256.get(..10).unwrap_or("0")
+        );
+        let model = ServedModel {
+            id: m.id.clone(),
+            aliases,
+            created: unix_now(),
+            tokenizer: engine.tokenizer.clone(),
+            chat: engine.chat.clone(),
+            context_length: m.context_length,
+            vocab_size: m.vocab_size,
+            fingerprint,
+        };
+        let worker = Worker::spawn(engine.model, engine.tokenizer, config.max_queue);
+        Self {
+            model: Arc::new(model),
+            worker,
+            keys,
+            limiter: Arc::new(RateLimiter::new()),
+            limits: config.limits.clone(),
+        }
+    }
+}
+
+/// The router: every route but `GET /health` requires an API key.
+pub fn router(state: AppState) -> Router {
+    let keyed = Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(info::list_models))
+        .route("/v1/models/{id}", get(info::get_model))
+        .route("/tokenize", post(info::tokenize))
+        .route("/detokenize", post(info::detokenize))
+        .route("/openapi.json", get(openapi::spec))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
+    Router::new()
+        .route("/health", get(info::health))
+        .merge(keyed)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(middleware::from_fn(auth::log_request))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::route_not_found(method.as_str(), uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+/// Seconds since the epoch.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A random request id with `prefix` (`cmpl-`, `chatcmpl-`).
+pub(crate) fn request_id(prefix: &str) -> String {
+    let suffix = crate::keys::key::random_base62(24).unwrap_or_else(|_| format!("{:x}", unix_now()));
+    format!("{prefix}{suffix}")
+}

@@ -1,0 +1,106 @@
+//! Server-sent events: job events become OpenAI chunks, then an optional usage chunk, then `data: [DONE]`.
+
+use super::error::ApiError;
+use super::params::charge;
+use super::AppState;
+use crate::core::{Delta, Generation};
+use crate::engine::worker::JobEvent;
+use crate::keys::AuthorizedKey;
+use crate::openai::Usage;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use std::convert::Infallible;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+/// How one endpoint shapes its chunks (completions and chat differ).
+pub trait ChunkFormat: Send + 'static {
+    /// Chunks to send when choice `choice` starts (chat: the role chunk).
+    fn start(&mut self, choice: usize) -> Vec<String>;
+    /// Chunks for new text.
+    fn delta(&mut self, choice: usize, delta: Delta) -> Vec<String>;
+    /// Chunks when the choice finished (the finish reason).
+    fn finish(&mut self, choice: usize, generation: &Generation) -> Vec<String>;
+    /// The usage chunk.
+    fn usage(&mut self, usage: Usage) -> String;
+}
+
+/// Options of one stream.
+pub struct StreamPlan {
+    /// Generations per prompt (prompt tokens are counted once per prompt).
+    pub per_prompt: usize,
+    /// Send the usage chunk before `[DONE]`.
+    pub include_usage: bool,
+}
+
+/// Turns a job's events into an SSE response; keep-alive comments flow while the prompt is queued or processed.
+///
+/// A task pumps events into the response; when the client disconnects the response stream is dropped, the pump's
+/// send fails, it drops the job's receiver, and the model thread stops that generation at its next token.
+pub fn respond<F: ChunkFormat>(
+    state: AppState,
+    key: AuthorizedKey,
+    mut jobs: mpsc::Receiver<JobEvent>,
+    mut format: F,
+    plan: StreamPlan,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<String>(32);
+    let keep_alive = state.limits.keep_alive;
+    tokio::spawn(async move {
+        let mut started = Vec::new();
+        let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
+        let mut failed = None;
+        'events: while let Some(ev) = jobs.recv().await {
+            let mut out = Vec::new();
+            match ev {
+                JobEvent::Started => {}
+                JobEvent::Delta { choice, delta } => {
+                    if !started.contains(&choice) {
+                        started.push(choice);
+                        out.extend(format.start(choice));
+                    }
+                    out.extend(format.delta(choice, delta));
+                }
+                JobEvent::Done { choice, generation } => {
+                    if !started.contains(&choice) {
+                        started.push(choice);
+                        out.extend(format.start(choice));
+                    }
+                    if choice % plan.per_prompt.max(1) == 0 {
+                        prompt_tokens += generation.usage.prompt_tokens;
+                    }
+                    completion_tokens += generation.usage.completion_tokens;
+                    out.extend(format.finish(choice, &generation));
+                }
+                JobEvent::Failed { error, .. } => {
+                    failed = Some(ApiError::from(error));
+                    break 'events;
+                }
+            }
+            for chunk in out {
+                if tx.send(chunk).await.is_err() {
+                    break 'events; // client gone: dropping `jobs` cancels the generation
+                }
+            }
+        }
+        drop(jobs);
+        charge(&state, &key, prompt_tokens + completion_tokens);
+        let mut tail = Vec::new();
+        match failed {
+            Some(e) => tail.push(e.sse_data()),
+            None if plan.include_usage => tail.push(format.usage(Usage::new(prompt_tokens, completion_tokens))),
+            None => {}
+        }
+        tail.push("[DONE]".to_owned());
+        for chunk in tail {
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let events = ReceiverStream::new(rx).map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
+        .into_response()
+}
