@@ -14,14 +14,18 @@ PY          := $(VENV)/bin/python
 CONVERTER   := $(REQS) model-artifacts/convert.py $(wildcard model-artifacts/lambda_llm_convert/*.py)
 ARTIFACT    := $(CACHE)/artifacts/$(MODEL_ID)-$(shell cat $(CONVERTER) | sha256sum | cut -c1-12)
 ORT_LIB     := $(CACHE)/onnxruntime-$(ORT_VERSION)/libonnxruntime.so
+CLIENT_REQS := tests/clients/requirements.txt
+CLIENT_VENV := $(CACHE)/clients-$(shell cat $(CLIENT_REQS) 2>/dev/null | sha256sum | cut -c1-12)
+LEGACY_REQS := tests/clients/requirements-legacy.txt
+LEGACY_VENV := $(CACHE)/clients-legacy-$(shell cat $(LEGACY_REQS) 2>/dev/null | sha256sum | cut -c1-12)
 
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export LAMBDA_LLM_ARTIFACT_DIR := $(ARTIFACT)
 
-.PHONY: help setup run test test-rust test-python bench fmt lint clean-cache
+.PHONY: help setup run test test-rust test-python test-clients bench clean-cache
 
 help:
-	@echo "make run    build and run lambda-llm on the bundled model"
+	@echo "make run    build and serve the OpenAI-compatible API on 127.0.0.1:3000 (prints a dev key and a curl line)"
 	@echo "make test   set up (cached) and run every test"
 	@echo "make bench  compare this engine with llama.cpp on the same weights"
 
@@ -48,9 +52,9 @@ $(ARTIFACT)/manifest.json: $(VENV)/.ok $(CONVERTER)
 
 run: setup
 	cargo build --release --locked
-	$(CARGO_TARGET_DIR)/release/lambda-llm chat "What is the capital of France?"
+	$(CARGO_TARGET_DIR)/release/lambda-llm serve --dev-key
 
-test: setup test-rust test-python
+test: setup test-rust test-python test-clients
 
 test-rust:
 	cargo fmt --all -- --check
@@ -59,6 +63,21 @@ test-rust:
 
 test-python:
 	$(PY) -m pytest model-artifacts/tests -q
+
+# Real clients against a real `lambda-llm serve`: the openai SDK 1.x, and the legacy 0.28.1 in its own venv.
+test-clients: $(CLIENT_VENV)/.ok $(LEGACY_VENV)/.ok
+	$(CLIENT_VENV)/bin/python -m pytest tests/clients -q --ignore=tests/clients/test_openai_legacy.py
+	$(LEGACY_VENV)/bin/python -m pytest tests/clients/test_openai_legacy.py -q
+
+$(CLIENT_VENV)/.ok: $(CLIENT_REQS)
+	rm -rf $(CLIENT_VENV) && $(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install --quiet -r $(CLIENT_REQS)
+	touch $@
+
+$(LEGACY_VENV)/.ok: $(LEGACY_REQS)
+	rm -rf $(LEGACY_VENV) && $(PYTHON) -m venv $(LEGACY_VENV)
+	$(LEGACY_VENV)/bin/python -m pip install --quiet -r $(LEGACY_REQS)
+	touch $@
 
 bench: setup
 	cargo build --release --locked
