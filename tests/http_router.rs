@@ -110,6 +110,7 @@ async fn health_needs_no_key() {
     let r = send(app(), "GET", "/health", None, None).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["model_loaded"], true);
+    assert!(r.headers["x-request-id"].to_str().unwrap().starts_with("req_"));
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use super::AppState;
 use crate::keys::{authenticate, Credentials};
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::time::{Instant, SystemTime};
@@ -45,15 +46,21 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
     resp
 }
 
-/// One info line per request: method, path, status, latency, key id and tokens — never the key or the prompt.
+/// One info line per request: request id, method, path, status, latency, key id and tokens — never the key or the
+/// prompt. The request id is also returned as `x-request-id`.
 pub async fn log_request(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let resp = next.run(req).await;
+    let request_id = super::request_id("req_");
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     let key = resp.extensions().get::<KeyId>().map(|k| k.0.as_str()).unwrap_or("-");
     let tokens = resp.extensions().get::<Tokens>().copied();
     tracing::info!(
+        request_id,
         %method,
         path,
         status = resp.status().as_u16(),
