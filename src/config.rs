@@ -15,6 +15,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the Lambda function answers (`LAMBDA_INVOKE_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvokeMode {
+    /// Response streaming (Function URL with `InvokeMode: RESPONSE_STREAM`, REST API `STREAM`): SSE token by token.
+    Streaming,
+    /// Buffered responses (API Gateway HTTP API): a stream is delivered whole, still correctly framed.
+    Buffered,
+}
+
 /// Everything configurable, read once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -28,6 +37,12 @@ pub struct Config {
     pub threads: Option<usize>,
     /// `API_KEYS_FILE`: the local keys file (a `--keys-file` flag overrides it; unset: `keys::DEFAULT_KEYS_FILE`).
     pub api_keys_file: Option<PathBuf>,
+    /// `AWS_LAMBDA_FUNCTION_NAME` (set by Lambda): names the function in metrics.
+    pub function_name: Option<String>,
+    /// `LAMBDA_INVOKE_MODE`: `streaming` (default) or `buffered`.
+    pub invoke_mode: InvokeMode,
+    /// `API_KEYS_SECRET_ID`: the Secrets Manager secret (name or ARN) holding the keys document (Lambda).
+    pub api_keys_secret_id: Option<String>,
     /// `KEYS_CACHE_TTL_SECONDS`: how long a loaded keys document is trusted before it is read again (default 60).
     pub keys_cache_ttl: Duration,
     /// `MODEL_ALIASES`: `(alias, model id)` pairs, e.g. `text-davinci-003=smollm2-135m-instruct`.
@@ -130,6 +145,19 @@ impl Config {
             log_format,
             threads,
             api_keys_file: get("API_KEYS_FILE").map(PathBuf::from),
+            function_name: get("AWS_LAMBDA_FUNCTION_NAME"),
+            invoke_mode: match get("LAMBDA_INVOKE_MODE").as_deref().map(str::trim) {
+                None | Some("streaming") => InvokeMode::Streaming,
+                Some("buffered") => InvokeMode::Buffered,
+                Some(other) => {
+                    return Err(ConfigError {
+                        name: "LAMBDA_INVOKE_MODE",
+                        value: other.into(),
+                        reason: "expected streaming or buffered",
+                    })
+                }
+            },
+            api_keys_secret_id: get("API_KEYS_SECRET_ID").map(|v| v.trim().to_owned()),
             keys_cache_ttl,
             model_aliases,
             limits,
@@ -156,6 +184,16 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.threads, None);
         assert_eq!(c.api_keys_file, None);
+        assert_eq!(c.api_keys_secret_id, None);
+        assert_eq!(c.invoke_mode, InvokeMode::Streaming);
+        assert_eq!(
+            cfg(&[("LAMBDA_INVOKE_MODE", "buffered")]).unwrap().invoke_mode,
+            InvokeMode::Buffered
+        );
+        assert_eq!(
+            cfg(&[("LAMBDA_INVOKE_MODE", "x")]).unwrap_err().name,
+            "LAMBDA_INVOKE_MODE"
+        );
         assert_eq!(c.keys_cache_ttl, Duration::from_secs(60));
     }
 
@@ -212,6 +250,10 @@ mod tests {
             cfg(&[("KEYS_CACHE_TTL_SECONDS", "300")]).unwrap().keys_cache_ttl,
             Duration::from_secs(300)
         );
+        let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:lambda-llm/keys-AbCdEf";
+        let c = cfg(&[("API_KEYS_SECRET_ID", &format!(" {arn} "))]).unwrap();
+        assert_eq!(c.api_keys_secret_id.as_deref(), Some(arn));
+        assert_eq!(cfg(&[("API_KEYS_SECRET_ID", "  ")]).unwrap().api_keys_secret_id, None);
         for bad in ["-1", "1.5", "soon"] {
             let e = cfg(&[("KEYS_CACHE_TTL_SECONDS", bad)]).unwrap_err();
             assert_eq!(e.name, "KEYS_CACHE_TTL_SECONDS");

@@ -6,5 +6,6 @@ pub mod core;
 pub mod engine;
 pub mod http;
 pub mod keys;
+pub mod lambda;
 pub mod openai;
 pub mod telemetry;

@@ -153,6 +153,26 @@ async fn a_key_for_another_model_gets_403_and_does_not_see_the_model() {
         .await
         .json();
     assert_eq!(list["data"], json!([]));
+    let body = json!({"prompt": "hi"}).to_string().into_bytes();
+    send(app(), "POST", "/tokenize", Some(OTHER_MODEL_KEY), Some(body))
+        .await
+        .error(StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn answers_given_before_the_body_is_read_close_the_connection() {
+    let body = || Some(json!({"model": MODEL, "prompt": "hi"}).to_string().into_bytes());
+    for key in [None, Some("sk-llm-nope")] {
+        let r = send(app(), "POST", "/v1/completions", key, body()).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers[header::CONNECTION], "close");
+    }
+    let r = send(app(), "POST", "/v1/completions", Some(KEY), Some(vec![b' '; 2 << 20])).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.headers[header::CONNECTION], "close");
+    // A request whose body was read keeps the connection.
+    let r = post("/v1/completions", json!({"model": MODEL, "prompt": "hi", "top_p": 0})).await;
+    assert!(r.headers.get(header::CONNECTION).is_none());
 }
 
 #[tokio::test]

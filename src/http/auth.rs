@@ -3,11 +3,15 @@
 use super::error::ApiError;
 use super::AppState;
 use crate::keys::{authenticate, Credentials};
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::http::HeaderValue;
+use axum::http::header::{AUTHORIZATION, CONNECTION};
+use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 /// The authenticated key's id, copied into the response so the request log can name it.
@@ -34,10 +38,10 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
     };
     let key = match authenticate(state.keys.as_ref(), credentials, None, SystemTime::now()).await {
         Ok(key) => key,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return unread_body(ApiError::from(e)),
     };
     if let Err(limited) = state.limiter.check_request(&key.id, key.limits, Instant::now()) {
-        return ApiError::rate_limited(limited.to_string(), limited.retry_after_secs()).into_response();
+        return unread_body(ApiError::rate_limited(limited.to_string(), limited.retry_after_secs()));
     }
     let id = KeyId(key.id.clone());
     req.extensions_mut().insert(key);
@@ -46,8 +50,60 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
     resp
 }
 
+/// An error answered before the request body was read: the connection is closed after it, since the unread body
+/// would otherwise be taken for the next request (and reading a stranger's body first would be wasted work).
+pub fn unread_body(e: ApiError) -> Response {
+    let mut resp = e.into_response();
+    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Token counts of a stream, filled in by the SSE pump as choices finish (read when the stream ends).
+#[derive(Debug, Default)]
+pub struct StreamTally {
+    /// Prompt tokens so far.
+    pub prompt: AtomicUsize,
+    /// Completion tokens so far.
+    pub completion: AtomicUsize,
+}
+
+/// The fields of one request log line; logs itself when dropped (for streams: when the body ends or the client
+/// goes away, so latency and tokens cover the whole generation).
+struct RequestLine {
+    request_id: String,
+    method: Method,
+    path: String,
+    status: u16,
+    key: String,
+    start: Instant,
+    tokens: Option<Tokens>,
+    tally: Option<Arc<StreamTally>>,
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
+        let tokens = self.tokens.or_else(|| {
+            self.tally.as_ref().map(|t| Tokens {
+                prompt: t.prompt.load(Ordering::Relaxed),
+                completion: t.completion.load(Ordering::Relaxed),
+            })
+        });
+        tracing::info!(
+            request_id = self.request_id,
+            method = %self.method,
+            path = self.path,
+            status = self.status,
+            latency_ms = self.start.elapsed().as_secs_f64() * 1e3,
+            key = self.key,
+            prompt_tokens = tokens.map(|t| t.prompt),
+            completion_tokens = tokens.map(|t| t.completion),
+            "request"
+        );
+    }
+}
+
 /// One info line per request: request id, method, path, status, latency, key id and tokens — never the key or the
-/// prompt. The request id is also returned as `x-request-id`.
+/// prompt. The request id is also returned as `x-request-id`. A streamed response is logged when it ends.
 pub async fn log_request(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
@@ -57,18 +113,26 @@ pub async fn log_request(req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    let key = resp.extensions().get::<KeyId>().map(|k| k.0.as_str()).unwrap_or("-");
-    let tokens = resp.extensions().get::<Tokens>().copied();
-    tracing::info!(
+    let line = RequestLine {
         request_id,
-        %method,
+        method,
         path,
-        status = resp.status().as_u16(),
-        latency_ms = start.elapsed().as_secs_f64() * 1e3,
-        key,
-        prompt_tokens = tokens.map(|t| t.prompt),
-        completion_tokens = tokens.map(|t| t.completion),
-        "request"
-    );
-    resp
+        status: resp.status().as_u16(),
+        key: resp
+            .extensions()
+            .get::<KeyId>()
+            .map_or_else(|| "-".to_owned(), |k| k.0.clone()),
+        start,
+        tokens: resp.extensions().get::<Tokens>().copied(),
+        tally: resp.extensions().get::<Arc<StreamTally>>().cloned(),
+    };
+    if line.tally.is_none() {
+        return resp; // `line` logs now
+    }
+    let (parts, body) = resp.into_parts();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _ = &line; // moved in: logs when the stream is dropped
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
 }

@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::extract::AppJson;
 use super::params::{self, Plan};
 use super::sse::{self, ChunkFormat, StreamPlan};
-use super::{request_id, unix_now, AppState};
+use super::{request_id, unix_now, AppState, Deadline};
 use crate::core::{Delta, Generation, RawSampling, TokenLogprob};
 use crate::engine::ChatMessage;
 use crate::keys::AuthorizedKey;
@@ -28,6 +28,7 @@ const MAX_TOP_LOGPROBS: i64 = 20;
 pub async fn create(
     State(state): State<AppState>,
     Extension(key): Extension<AuthorizedKey>,
+    deadline: Option<Extension<Deadline>>,
     AppJson(req): AppJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = params::resolve_model(&state, req.model.as_deref(), &key)?;
@@ -80,7 +81,7 @@ pub async fn create(
         per_prompt: n,
         logprobs: top,
     };
-    let requests = plan.requests(&state, "messages")?;
+    let requests = plan.requests(&state, "messages", deadline.map(|Extension(d)| d))?;
     let jobs = params::submit(&state, requests)?;
     let base = Base {
         id: request_id("chatcmpl-"),
@@ -105,7 +106,7 @@ pub async fn create(
             },
         ));
     }
-    let generations = params::collect(jobs, n).await?;
+    let generations = params::collect(&state, jobs, n).await?;
     let prompt_tokens = plan.prompts[0].len();
     let completion_tokens: usize = generations.iter().map(|g| g.usage.completion_tokens).sum();
     params::charge(&state, &key, prompt_tokens + completion_tokens);

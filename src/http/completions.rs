@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::extract::AppJson;
 use super::params::{self, Plan};
 use super::sse::{self, ChunkFormat, StreamPlan};
-use super::{request_id, unix_now, AppState};
+use super::{request_id, unix_now, AppState, Deadline};
 use crate::core::{Delta, Generation, RawSampling, TokenLogprob};
 use crate::keys::AuthorizedKey;
 use crate::openai::{CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
@@ -27,6 +27,7 @@ const MAX_LOGPROBS: i64 = 5;
 pub async fn create(
     State(state): State<AppState>,
     Extension(key): Extension<AuthorizedKey>,
+    deadline: Option<Extension<Deadline>>,
     AppJson(req): AppJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = params::resolve_model(&state, req.model.as_deref(), &key)?;
@@ -73,7 +74,7 @@ pub async fn create(
         // best_of ranks candidates by their summed logprob, so it needs the chosen tokens' logprobs.
         logprobs: logprobs.or((best_of > n).then_some(0)),
     };
-    let requests = plan.requests(&state, "prompt")?;
+    let requests = plan.requests(&state, "prompt", deadline.map(|Extension(d)| d))?;
     let echoes: Vec<String> = if echo {
         plan.prompts
             .iter()
@@ -109,7 +110,7 @@ pub async fn create(
             },
         ));
     }
-    let generations = params::collect(jobs, plan.prompts.len() * best_of).await?;
+    let generations = params::collect(&state, jobs, plan.prompts.len() * best_of).await?;
     let prompt_tokens: usize = plan.prompts.iter().map(Vec::len).sum();
     let completion_tokens: usize = generations.iter().map(|g| g.usage.completion_tokens).sum();
     params::charge(&state, &key, prompt_tokens + completion_tokens);

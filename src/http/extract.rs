@@ -12,8 +12,27 @@ use serde::de::DeserializeOwned;
 /// The content type is not checked: `curl -d` sends form-encoded headers with JSON bodies, and OpenAI accepts them.
 pub struct AppJson<T>(pub T);
 
+/// A rejected body: 413 closes the connection (the rest of the body was never read).
+pub struct BodyRejection(ApiError);
+
+impl axum::response::IntoResponse for BodyRejection {
+    fn into_response(self) -> axum::response::Response {
+        if self.0.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            super::auth::unread_body(self.0)
+        } else {
+            self.0.into_response()
+        }
+    }
+}
+
+impl From<ApiError> for BodyRejection {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
 impl<T: DeserializeOwned> FromRequest<AppState> for AppJson<T> {
-    type Rejection = ApiError;
+    type Rejection = BodyRejection;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
@@ -22,7 +41,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for AppJson<T> {
             }
             other => ApiError::bad_request(format!("Could not read the request body: {other}")),
         })?;
-        parse_json(&bytes).map(AppJson)
+        Ok(AppJson(parse_json(&bytes)?))
     }
 }
 

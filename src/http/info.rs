@@ -52,11 +52,10 @@ pub async fn get_model(
     Ok(Json(card(&state, &id)))
 }
 
-fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
-    match model {
-        Some(m) if state.model.resolve(m).is_none() => Err(ApiError::model_not_found(m)),
-        _ => Ok(()),
-    }
+/// The model named in the request (default: the served one) must exist and be allowed for the key.
+fn check_model(state: &AppState, model: Option<&str>, key: &AuthorizedKey) -> Result<(), ApiError> {
+    let model = model.unwrap_or(&state.model.id);
+    super::params::resolve_model(state, Some(model), key).map(|_| ())
 }
 
 /// Token ids of a prompt, or of chat messages rendered with the chat template.
@@ -65,9 +64,10 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     security(("api_key" = [])))]
 pub async fn tokenize(
     State(state): State<AppState>,
+    Extension(key): Extension<AuthorizedKey>,
     AppJson(req): AppJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    check_model(&state, req.model.as_deref())?;
+    check_model(&state, req.model.as_deref(), &key)?;
     let text = match (req.prompt, req.messages) {
         (Some(p), None) => p,
         (None, Some(m)) => {
@@ -102,9 +102,10 @@ pub async fn tokenize(
     security(("api_key" = [])))]
 pub async fn detokenize(
     State(state): State<AppState>,
+    Extension(key): Extension<AuthorizedKey>,
     AppJson(req): AppJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    check_model(&state, req.model.as_deref())?;
+    check_model(&state, req.model.as_deref(), &key)?;
     let vocab = state.model.vocab_size;
     let ids = req
         .tokens

@@ -1,6 +1,6 @@
 //! The HTTP API: one axum `Router` (OpenAI-compatible) that both the local server and the Lambda function run.
 
-mod auth;
+pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod error;
@@ -88,6 +88,8 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Request limits.
     pub limits: Limits,
+    /// Function name for CloudWatch Embedded Metric Format lines per generation (Lambda); `None` = no metrics.
+    pub metrics: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -122,6 +124,7 @@ impl AppState {
             keys,
             limiter: Arc::new(RateLimiter::new()),
             limits: config.limits.clone(),
+            metrics: None,
         }
     }
 }
@@ -153,6 +156,37 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+/// A hard end for the request set by the platform (Lambda's remaining time), inserted as a request extension.
+///
+/// Generation stops before it with finish reason `length`, so the response is delivered instead of timing out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub std::time::Instant);
+
+/// Emits the per-generation metrics (time to first token, tokens/s, token counts) when enabled.
+pub(crate) fn record_metrics(state: &AppState, g: &crate::core::Generation) {
+    if let Some(function) = &state.metrics {
+        let decode_s = g.timings.decode.as_secs_f64();
+        let tps = if decode_s > 0.0 {
+            g.usage.completion_tokens.saturating_sub(1) as f64 / decode_s
+        } else {
+            0.0
+        };
+        crate::telemetry::emf(
+            function,
+            &[
+                (
+                    "TimeToFirstToken",
+                    g.timings.first_token.as_secs_f64() * 1e3,
+                    "Milliseconds",
+                ),
+                ("DecodeTokensPerSecond", tps, "Count/Second"),
+                ("PromptTokens", g.usage.prompt_tokens as f64, "Count"),
+                ("CompletionTokens", g.usage.completion_tokens as f64, "Count"),
+            ],
+        );
+    }
 }
 
 /// Seconds since the epoch.

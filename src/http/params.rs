@@ -1,7 +1,7 @@
 //! Request checks shared by completions and chat: model, n, stop, max_tokens, and turning them into generations.
 
 use super::error::ApiError;
-use super::AppState;
+use super::{AppState, Deadline};
 use crate::core::{validate::check_context, Generation, GenerationRequest, SamplingParams};
 use crate::engine::worker::{JobEvent, QueueFull};
 use crate::keys::{AuthError, AuthorizedKey};
@@ -80,8 +80,14 @@ impl Plan {
     /// Checks each prompt against the context and expands to `prompts × per_prompt` requests, prompt-major.
     ///
     /// Choice `i` of a seeded request uses `seed + i`, so choices differ yet the whole response is reproducible.
-    pub fn requests(&self, state: &AppState, param: &str) -> Result<Vec<GenerationRequest>, ApiError> {
-        let deadline = Instant::now() + state.limits.request_timeout;
+    pub fn requests(
+        &self,
+        state: &AppState,
+        param: &str,
+        platform: Option<Deadline>,
+    ) -> Result<Vec<GenerationRequest>, ApiError> {
+        let own = Instant::now() + state.limits.request_timeout;
+        let deadline = platform.map_or(own, |Deadline(d)| d.min(own));
         let mut out = Vec::with_capacity(self.prompts.len() * self.per_prompt);
         for prompt in &self.prompts {
             check_context(prompt.len(), self.max_tokens, state.model.context_length).map_err(|e| {
@@ -116,11 +122,16 @@ pub fn submit(state: &AppState, requests: Vec<GenerationRequest>) -> Result<mpsc
 }
 
 /// Waits for every choice of a job (non-streamed responses).
-pub async fn collect(mut rx: mpsc::Receiver<JobEvent>, choices: usize) -> Result<Vec<Generation>, ApiError> {
+pub async fn collect(
+    state: &AppState,
+    mut rx: mpsc::Receiver<JobEvent>,
+    choices: usize,
+) -> Result<Vec<Generation>, ApiError> {
     let mut out: Vec<Option<Generation>> = vec![None; choices];
     while let Some(ev) = rx.recv().await {
         match ev {
             JobEvent::Done { choice, generation } => {
+                super::record_metrics(state, &generation);
                 if let Some(slot) = out.get_mut(choice) {
                     *slot = Some(generation);
                 }

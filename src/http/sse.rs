@@ -1,5 +1,6 @@
 //! Server-sent events: job events become OpenAI chunks, then an optional usage chunk, then `data: [DONE]`.
 
+use super::auth::StreamTally;
 use super::error::ApiError;
 use super::params::charge;
 use super::AppState;
@@ -10,6 +11,8 @@ use crate::openai::Usage;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -47,6 +50,8 @@ pub fn respond<F: ChunkFormat>(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<String>(32);
     let keep_alive = state.limits.keep_alive;
+    let tally = Arc::new(StreamTally::default());
+    let counts = tally.clone();
     tokio::spawn(async move {
         let mut started = Vec::new();
         let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
@@ -71,6 +76,9 @@ pub fn respond<F: ChunkFormat>(
                         prompt_tokens += generation.usage.prompt_tokens;
                     }
                     completion_tokens += generation.usage.completion_tokens;
+                    counts.prompt.store(prompt_tokens, Ordering::Relaxed);
+                    counts.completion.store(completion_tokens, Ordering::Relaxed);
+                    super::record_metrics(&state, &generation);
                     out.extend(format.finish(choice, &generation));
                 }
                 JobEvent::Failed { error, .. } => {

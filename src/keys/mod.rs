@@ -10,6 +10,7 @@ pub mod document;
 pub mod file;
 pub mod key;
 pub mod rate;
+pub mod secrets;
 
 pub use auth::{authenticate, authorize, presented_key, AuthError, AuthorizedKey, Credentials};
 pub use cache::{CachePolicy, CachedDocument, DEFAULT_CACHE_TTL, MAX_REFRESH_INTERVAL};
@@ -19,6 +20,7 @@ pub use file::{
 };
 pub use key::{generate_id, generate_key, hash_key, is_well_formed_key, RandomError, KEY_PREFIX};
 pub use rate::{LimitKind, Limits, RateLimited, RateLimiter};
+pub use secrets::{SecretsError, SecretsManagerKeyStore};
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,0 +1,52 @@
+//! `http-function`: the AWS Lambda entry point — cold start (config, Secrets Manager client, engine), then the
+//! router under the Lambda Runtime API, streamed or buffered.
+
+use lambda_llm::config::{Config, InvokeMode};
+use lambda_llm::engine::{Engine, EngineOptions};
+use lambda_llm::http::AppState;
+use lambda_llm::keys::secrets::SecretsManagerKeyStore;
+use lambda_llm::keys::KeyStore;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    let start = Instant::now();
+    let config = Config::from_env()?;
+    lambda_llm::telemetry::init(config.log_format);
+    let secret_id = config
+        .api_keys_secret_id
+        .clone()
+        .ok_or("API_KEYS_SECRET_ID is not set: the function needs the Secrets Manager secret holding the API keys")?;
+    let store = SecretsManagerKeyStore::from_env(secret_id, config.keys_cache_ttl).await;
+    let options = EngineOptions {
+        ort_dylib_path: config.ort_dylib_path.clone(),
+        threads: config.threads,
+    };
+    let dir = config.model_dir.clone();
+    // Loading keys and the model overlap: the secret is fetched while ONNX Runtime builds the session.
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&dir, &options));
+    if let Err(e) = store.refresh().await {
+        // Fail closed but stay up: every keyed route answers 503 until the secret can be read.
+        tracing::warn!(error = %e, "API keys could not be loaded at start");
+    }
+    let engine = engine.await??;
+    tracing::info!(
+        model = %engine.manifest.id,
+        load_ms = engine.load_time.as_millis() as u64,
+        warm_up_ms = engine.warm_up_time.as_millis() as u64,
+        "model loaded"
+    );
+    let mut state = AppState::new(engine, Arc::new(store), &config);
+    let name: Arc<str> = Arc::from(config.function_name.as_deref().unwrap_or("http-function"));
+    state.metrics = Some(name.clone());
+    lambda_llm::telemetry::emf(
+        &name,
+        &[("InitDuration", start.elapsed().as_secs_f64() * 1e3, "Milliseconds")],
+    );
+    let app = lambda_llm::lambda::app(state);
+    match config.invoke_mode {
+        InvokeMode::Streaming => lambda_http::run_with_streaming_response(app).await,
+        InvokeMode::Buffered => lambda_http::run(app).await,
+    }
+}
