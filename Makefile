@@ -18,11 +18,17 @@ CLIENT_REQS := tests/clients/requirements.txt
 CLIENT_VENV := $(CACHE)/clients-$(shell cat $(CLIENT_REQS) 2>/dev/null | sha256sum | cut -c1-12)
 LEGACY_REQS := tests/clients/requirements-legacy.txt
 LEGACY_VENV := $(CACHE)/clients-legacy-$(shell cat $(LEGACY_REQS) 2>/dev/null | sha256sum | cut -c1-12)
+INFRA_REQS  := infra/requirements.txt
+INFRA_VENV  := $(CACHE)/infra-$(shell cat $(INFRA_REQS) | sha256sum | cut -c1-12)
+E2E_REQS    := tests/lambda_e2e/requirements.txt
+E2E_VENV    := $(CACHE)/lambda-e2e-$(shell cat $(E2E_REQS) | sha256sum | cut -c1-12)
 
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export LAMBDA_LLM_ARTIFACT_DIR := $(ARTIFACT)
+# The Rust tests that need AWS services start this moto server themselves (tests/support/moto.rs).
+export MOTO_SERVER := $(INFRA_VENV)/bin/moto_server
 
-.PHONY: help setup run test test-rust test-python test-clients bench clean-cache
+.PHONY: help setup run test test-rust test-python test-clients test-lambda test-infra check-template lambda bench clean-cache
 
 help:
 	@echo "make run    build and serve the OpenAI-compatible API on 127.0.0.1:3000 (prints a dev key and a curl line)"
@@ -30,7 +36,7 @@ help:
 	@echo "make bench  compare this engine with llama.cpp on the same weights"
 
 ## setup: Python venv (pinned), ONNX Runtime library from the PyPI wheel, the model artifact. Idempotent.
-setup: $(VENV)/.ok $(ORT_LIB) $(ARTIFACT)/manifest.json
+setup: $(VENV)/.ok $(INFRA_VENV)/.ok $(ORT_LIB) $(ARTIFACT)/manifest.json
 	@ln -sfn $(ARTIFACT) $(MODEL_DIR).tmp && { [ -L $(MODEL_DIR) ] || rm -rf $(MODEL_DIR); } && mv -T $(MODEL_DIR).tmp $(MODEL_DIR)
 	@for d in debug release; do mkdir -p $(CARGO_TARGET_DIR)/$$d && ln -sfn $(ORT_LIB) $(CARGO_TARGET_DIR)/$$d/libonnxruntime.so; done
 	@echo "setup ok: venv $(VENV), model $(MODEL_DIR) -> $(ARTIFACT), ONNX Runtime $(ORT_LIB)"
@@ -54,7 +60,7 @@ run: setup
 	cargo build --release --locked
 	$(CARGO_TARGET_DIR)/release/lambda-llm serve --dev-key
 
-test: setup test-rust test-python test-clients
+test: setup test-rust test-python test-clients test-lambda test-infra check-template
 
 test-rust:
 	cargo fmt --all -- --check
@@ -78,6 +84,34 @@ $(LEGACY_VENV)/.ok: $(LEGACY_REQS)
 	rm -rf $(LEGACY_VENV) && $(PYTHON) -m venv $(LEGACY_VENV)
 	$(LEGACY_VENV)/bin/python -m pip install --quiet -r $(LEGACY_REQS)
 	touch $@
+
+# AWS tooling (SAM CLI, cfn-lint, boto3, moto, cargo-lambda), pinned.
+$(INFRA_VENV)/.ok: $(INFRA_REQS)
+	rm -rf $(INFRA_VENV) && $(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/python -m pip install --quiet -r $(INFRA_REQS)
+	touch $@
+
+# The real http-function under `cargo lambda watch`, keys in Secrets Manager on moto, the openai SDK as client.
+test-lambda: $(E2E_VENV)/.ok lambda
+	cd tests/lambda_e2e && CARGO_LAMBDA_BIN=$(INFRA_VENV)/bin PYTHONDONTWRITEBYTECODE=1 \
+		$(E2E_VENV)/bin/python -m pytest -p no:cacheprovider -q -s .
+
+$(E2E_VENV)/.ok: $(E2E_REQS)
+	rm -rf $(E2E_VENV) && $(PYTHON) -m venv $(E2E_VENV)
+	$(E2E_VENV)/bin/python -m pip install --quiet -r $(E2E_REQS)
+	touch $@
+
+test-infra: $(INFRA_VENV)/.ok
+	PYTHONDONTWRITEBYTECODE=1 $(INFRA_VENV)/bin/python -m pytest -p no:cacheprovider -q infra/tests
+
+check-template: $(INFRA_VENV)/.ok
+	INFRA_VENV=$(INFRA_VENV) infra/check-template.sh
+
+# build/lambda/http-function.zip (template.yaml's CodeUri): bootstrap + libonnxruntime.so + model/. ARCH=arm64 for
+# Graviton.
+ARCH ?= x86_64
+lambda: setup
+	INFRA_VENV=$(INFRA_VENV) CACHE=$(CACHE) ARCH=$(ARCH) infra/package.sh
 
 bench: setup
 	cargo build --release --locked

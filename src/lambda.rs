@@ -14,8 +14,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const DEADLINE_MARGIN: Duration = Duration::from_millis(1500);
 
 /// The router as the Lambda function serves it.
+///
+/// The Lambda middleware must run before routing (it rewrites the path), and `Router::layer` runs after it, so the
+/// API router is nested as the fallback service of an outer router that carries the layer.
 pub fn app(state: AppState) -> Router {
-    router(state).layer(middleware::from_fn(lambda_request))
+    Router::new()
+        .fallback_service(router(state))
+        .layer(middleware::from_fn(lambda_request))
 }
 
 /// Strips an API Gateway stage prefix (`/prod/v1/...` → `/v1/...`) and turns the invocation deadline into a
@@ -42,7 +47,11 @@ async fn lambda_request(mut req: Request, next: Next) -> Response {
     {
         req.extensions_mut().insert(Deadline(deadline));
     }
-    next.run(req).await
+    let mut resp = next.run(req).await;
+    // Hop-by-hop headers mean nothing through the Runtime API, and `connection: close` on a streamed response makes
+    // the runtime's own connection to the Runtime API end early.
+    resp.headers_mut().remove(axum::http::header::CONNECTION);
+    resp
 }
 
 /// The stage that lambda_http put in front of the path, if any (`$default` never is).

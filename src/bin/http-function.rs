@@ -9,6 +9,9 @@ use lambda_llm::keys::KeyStore;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Transport failures with the Runtime API tolerated before the process gives up.
+const MAX_RUNTIME_RESTARTS: u32 = 5;
+
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     let start = Instant::now();
@@ -45,8 +48,27 @@ async fn main() -> Result<(), lambda_http::Error> {
         &[("InitDuration", start.elapsed().as_secs_f64() * 1e3, "Milliseconds")],
     );
     let app = lambda_llm::lambda::app(state);
-    match config.invoke_mode {
-        InvokeMode::Streaming => lambda_http::run_with_streaming_response(app).await,
-        InvokeMode::Buffered => lambda_http::run(app).await,
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        let result = match config.invoke_mode {
+            InvokeMode::Streaming => lambda_http::run_with_streaming_response(app.clone()).await,
+            InvokeMode::Buffered => lambda_http::run(app.clone()).await,
+        };
+        // The runtime loop only returns on a transport error with the Runtime API (e.g. a response stream cut
+        // when the caller went away). The model is loaded and warm: poll for the next invocation again rather
+        // than exit into a new cold start.
+        let Err(e) = result else { return Ok(()) };
+        // Failures count only while they come in quick succession; a loop that ran a while was healthy.
+        failures = if started.elapsed() > std::time::Duration::from_secs(60) {
+            1
+        } else {
+            failures + 1
+        };
+        if failures > MAX_RUNTIME_RESTARTS {
+            return Err(e); // the Runtime API is gone for good (the sandbox is shutting down)
+        }
+        tracing::warn!(error = %e, failures, "Lambda runtime loop ended; polling for the next invocation");
+        tokio::time::sleep(std::time::Duration::from_millis(100 << failures.min(4))).await;
     }
 }

@@ -139,7 +139,7 @@ impl Manifest {
                 "layers, kv_heads, head_dim, vocab_size and context_length must be > 0".into(),
             ));
         }
-        if m.heads % m.kv_heads != 0 {
+        if !m.heads.is_multiple_of(m.kv_heads) {
             return Err(invalid(format!(
                 "heads ({}) must be a multiple of kv_heads ({})",
                 m.heads, m.kv_heads
