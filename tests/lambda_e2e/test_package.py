@@ -63,7 +63,7 @@ def test_bootstrap_starts_from_the_unzipped_folder_and_answers(own_moto, tmp_pat
         # Only what Lambda itself sets, plus the function's configuration: nothing points at the library.
         env = {
             "PATH": "/usr/bin:/bin",
-            "AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{api_port}/.rt",
+            "AWS_LAMBDA_RUNTIME_API": f"http://127.0.0.1:{api_port}/.rt",
             "AWS_LAMBDA_FUNCTION_NAME": "_",
             "AWS_LAMBDA_FUNCTION_VERSION": "1",
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "2048",
