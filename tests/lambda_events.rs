@@ -128,3 +128,33 @@ async fn an_event_without_the_key_is_refused() {
         "hop-by-hop header through Lambda"
     );
 }
+
+#[tokio::test]
+async fn generation_stops_before_the_invocation_deadline() {
+    let text = std::fs::read_to_string(root().join("events/http-api-completions.json")).unwrap();
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    let body =
+        serde_json::json!({"model": "smollm2-135m-instruct", "prompt": "Count to a thousand:", "max_tokens": 4000});
+    v["body"] = Value::String(body.to_string());
+    let mut req = lambda_http::request::from_str(&v.to_string()).unwrap();
+    // The invocation has the margin plus a fraction of a second left: far too little for 4000 tokens.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut ctx = lambda_http::Context::default();
+    ctx.deadline = now_ms + lambda_llm::lambda::DEADLINE_MARGIN.as_millis() as u64 + 300;
+    req.extensions_mut().insert(ctx);
+    let (parts, body) = req.into_parts();
+    let resp = lambda_llm::lambda::app(state())
+        .oneshot(axum::http::Request::from_parts(
+            parts,
+            axum::body::Body::from(body.to_vec()),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 4000, "{v}");
+}
