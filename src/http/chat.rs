@@ -3,9 +3,9 @@
 use super::auth::Tokens;
 use super::error::ApiError;
 use super::extract::AppJson;
-use super::params::{self, Plan};
+use super::params::{self, Plan, ResponseMeta};
 use super::sse::{self, ChunkFormat, StreamPlan};
-use super::{request_id, unix_now, AppState, Deadline};
+use super::{AppState, Deadline};
 use crate::core::{Delta, Generation, RawSampling, TokenLogprob};
 use crate::engine::ChatMessage;
 use crate::keys::AuthorizedKey;
@@ -83,12 +83,7 @@ pub async fn create(
     };
     let requests = plan.requests(&state, "messages", deadline.map(|Extension(d)| d))?;
     let jobs = params::submit(&state, requests)?;
-    let base = Base {
-        id: request_id("chatcmpl-"),
-        created: unix_now(),
-        model,
-        fingerprint: state.model.fingerprint.clone(),
-    };
+    let base = ResponseMeta::new(&state, "chatcmpl-", model);
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         let format = Chunks {
@@ -227,31 +222,25 @@ fn chat_logprobs(tokens: &[TokenLogprob]) -> ChatLogprobs {
     }
 }
 
-struct Base {
-    id: String,
-    created: u64,
-    model: String,
-    fingerprint: String,
+struct Chunks {
+    base: ResponseMeta,
+    want_logprobs: bool,
 }
 
-impl Base {
+impl Chunks {
+    /// One chunk with this response's id, time, model and fingerprint.
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
         let c = ChatCompletionChunk {
-            id: self.id.clone(),
+            id: self.base.id.clone(),
             object: "chat.completion.chunk".into(),
-            created: self.created,
-            model: self.model.clone(),
-            system_fingerprint: self.fingerprint.clone(),
+            created: self.base.created,
+            model: self.base.model.clone(),
+            system_fingerprint: self.base.fingerprint.clone(),
             choices,
             usage,
         };
         serde_json::to_string(&c).unwrap_or_default()
     }
-}
-
-struct Chunks {
-    base: Base,
-    want_logprobs: bool,
 }
 
 fn choice(index: usize, delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<String>) -> ChatChunkChoice {
@@ -269,7 +258,7 @@ impl ChunkFormat for Chunks {
             role: Some("assistant".into()),
             content: Some(String::new()),
         };
-        vec![self.base.chunk(vec![choice(i, delta, None, None)], None)]
+        vec![self.chunk(vec![choice(i, delta, None, None)], None)]
     }
 
     fn delta(&mut self, i: usize, d: Delta) -> Vec<String> {
@@ -278,17 +267,15 @@ impl ChunkFormat for Chunks {
             role: None,
             content: Some(d.text),
         };
-        vec![self.base.chunk(vec![choice(i, delta, logprobs, None)], None)]
+        vec![self.chunk(vec![choice(i, delta, logprobs, None)], None)]
     }
 
     fn finish(&mut self, i: usize, g: &Generation) -> Vec<String> {
         let reason = Some(g.finish_reason.as_str().to_owned());
-        vec![self
-            .base
-            .chunk(vec![choice(i, ChatDelta::default(), None, reason)], None)]
+        vec![self.chunk(vec![choice(i, ChatDelta::default(), None, reason)], None)]
     }
 
     fn usage(&mut self, usage: Usage) -> String {
-        self.base.chunk(Vec::new(), Some(usage))
+        self.chunk(Vec::new(), Some(usage))
     }
 }

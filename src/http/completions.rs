@@ -3,9 +3,9 @@
 use super::auth::Tokens;
 use super::error::ApiError;
 use super::extract::AppJson;
-use super::params::{self, Plan};
+use super::params::{self, Plan, ResponseMeta};
 use super::sse::{self, ChunkFormat, StreamPlan};
-use super::{request_id, unix_now, AppState, Deadline};
+use super::{AppState, Deadline};
 use crate::core::{Delta, Generation, RawSampling, TokenLogprob};
 use crate::keys::AuthorizedKey;
 use crate::openai::{CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt, Usage};
@@ -84,13 +84,7 @@ pub async fn create(
         Vec::new()
     };
     let jobs = params::submit(&state, requests)?;
-    let id = request_id("cmpl-");
-    let base = Base {
-        id,
-        created: unix_now(),
-        model,
-        fingerprint: state.model.fingerprint.clone(),
-    };
+    let base = ResponseMeta::new(&state, "cmpl-", model);
     if stream {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         let format = Chunks {
@@ -212,22 +206,23 @@ fn legacy_logprobs(tokens: &[TokenLogprob], start: usize) -> CompletionLogprobs 
     out
 }
 
-/// Fields every chunk repeats.
-struct Base {
-    id: String,
-    created: u64,
-    model: String,
-    fingerprint: String,
+/// Stream chunks of this endpoint.
+struct Chunks {
+    base: ResponseMeta,
+    echoes: Vec<String>,
+    per_prompt: usize,
+    want_logprobs: bool,
 }
 
-impl Base {
+impl Chunks {
+    /// One chunk with this response's id, time, model and fingerprint.
     fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
         let c = CompletionResponse {
-            id: self.id.clone(),
+            id: self.base.id.clone(),
             object: "text_completion".into(),
-            created: self.created,
-            model: self.model.clone(),
-            system_fingerprint: self.fingerprint.clone(),
+            created: self.base.created,
+            model: self.base.model.clone(),
+            system_fingerprint: self.base.fingerprint.clone(),
             choices,
             usage,
         };
@@ -235,40 +230,26 @@ impl Base {
     }
 }
 
-/// Stream chunks of this endpoint.
-struct Chunks {
-    base: Base,
-    echoes: Vec<String>,
-    per_prompt: usize,
-    want_logprobs: bool,
-}
-
 impl ChunkFormat for Chunks {
     fn start(&mut self, choice: usize) -> Vec<String> {
         match self.echoes.get(choice / self.per_prompt.max(1)) {
-            Some(echo) => vec![self
-                .base
-                .chunk(vec![text_choice(choice, echo.clone(), None, None)], None)],
+            Some(echo) => vec![self.chunk(vec![text_choice(choice, echo.clone(), None, None)], None)],
             None => Vec::new(),
         }
     }
 
     fn delta(&mut self, choice: usize, delta: Delta) -> Vec<String> {
         let logprobs = self.want_logprobs.then(|| legacy_logprobs(&delta.logprobs, 0));
-        vec![self
-            .base
-            .chunk(vec![text_choice(choice, delta.text, logprobs, None)], None)]
+        vec![self.chunk(vec![text_choice(choice, delta.text, logprobs, None)], None)]
     }
 
     fn finish(&mut self, choice: usize, g: &Generation) -> Vec<String> {
         let reason = Some(g.finish_reason.as_str().to_owned());
-        vec![self
-            .base
-            .chunk(vec![text_choice(choice, String::new(), None, reason)], None)]
+        vec![self.chunk(vec![text_choice(choice, String::new(), None, reason)], None)]
     }
 
     fn usage(&mut self, usage: Usage) -> String {
-        self.base.chunk(Vec::new(), Some(usage))
+        self.chunk(Vec::new(), Some(usage))
     }
 }
 

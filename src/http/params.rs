@@ -145,6 +145,30 @@ pub async fn collect(
         .collect()
 }
 
+/// Fields every response and stream chunk of one request repeats.
+pub struct ResponseMeta {
+    /// `cmpl-…` / `chatcmpl-…`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model name as requested.
+    pub model: String,
+    /// `system_fingerprint`.
+    pub fingerprint: String,
+}
+
+impl ResponseMeta {
+    /// A fresh id with `prefix`, now, the requested model name and the served model's fingerprint.
+    pub fn new(state: &AppState, prefix: &str, model: String) -> Self {
+        Self {
+            id: super::request_id(prefix),
+            created: super::unix_now(),
+            model,
+            fingerprint: state.model.fingerprint.clone(),
+        }
+    }
+}
+
 /// Charges the key's tokens-per-minute budget.
 pub fn charge(state: &AppState, key: &AuthorizedKey, tokens: usize) {
     state
