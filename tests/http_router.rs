@@ -597,3 +597,56 @@ async fn keep_alive_comments_flow_while_a_long_prompt_is_processed() {
     );
     assert!(r.body.ends_with("data: [DONE]\n\n"));
 }
+
+/// Fails on its third forward pass (after the prompt and one token), as a backend error would mid-stream.
+struct Breaks {
+    inner: Slow,
+    calls: usize,
+}
+
+impl lambda_llm::core::Model for Breaks {
+    fn info(&self) -> &lambda_llm::core::ModelInfo {
+        lambda_llm::core::Model::info(&self.inner)
+    }
+    fn reset(&mut self, capacity: usize) -> Result<(), lambda_llm::core::ModelError> {
+        self.calls = 0;
+        lambda_llm::core::Model::reset(&mut self.inner, capacity)
+    }
+    fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], lambda_llm::core::ModelError> {
+        self.calls += 1;
+        if self.calls == 3 {
+            return Err(lambda_llm::core::ModelError::Backend("device lost".into()));
+        }
+        lambda_llm::core::Model::forward(&mut self.inner, tokens)
+    }
+}
+
+#[tokio::test]
+async fn an_error_after_the_stream_started_is_an_error_event_then_done() {
+    let (s, steps) = slow_state(1);
+    let info = lambda_llm::core::ModelInfo {
+        id: MODEL.into(),
+        vocab_size: s.model.vocab_size,
+        context_length: s.model.context_length,
+        eos_ids: vec![2],
+    };
+    let mut logits = vec![0.0; s.model.vocab_size];
+    logits[64] = 10.0;
+    let model = Breaks {
+        inner: Slow { info, logits, steps },
+        calls: 0,
+    };
+    let worker = lambda_llm::engine::worker::Worker::spawn(model, s.model.tokenizer.clone(), 1);
+    let s = AppState { worker, ..s };
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": true})
+        .to_string()
+        .into_bytes();
+    let r = send(router(s), "POST", "/v1/completions", Some(KEY), Some(body)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let data = sse_data(&r.body);
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["object"], "text_completion", "text streamed before the failure");
+    let err: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(err["error"]["type"], "server_error", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("device lost"));
+}
