@@ -1,5 +1,6 @@
 //! lambda-llm: an OpenAI-compatible LLM API over a quantized ONNX Transformer, for AWS Lambda and the laptop.
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod core;

@@ -1,5 +1,6 @@
 //! The `lambda-llm` command line: argument parsing and the commands that run the engine locally.
 
+mod batch;
 mod bench;
 mod keys;
 mod serve;
@@ -25,6 +26,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run an OpenAI Batch file (JSONL) on the local model: results in input order, resumable.
+    Batch(batch::BatchArgs),
     /// Serve the OpenAI-compatible HTTP API on this machine.
     Serve(serve::ServeArgs),
     /// Complete a prompt (raw text, no chat template), streaming to the terminal.
@@ -149,6 +152,7 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
         }
         Command::Bench(a) => bench::run(&a, &config),
         Command::Serve(a) => serve::run(&a, &config),
+        Command::Batch(a) => batch::run(&a, &config),
         Command::Keys(a) => keys::run(&a, &config),
         Command::Tokenize(a) => tokenize(&a, &config),
     }

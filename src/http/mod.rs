@@ -196,6 +196,11 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A batch output line id (`batch_req_…`).
+pub fn batch_request_id() -> String {
+    request_id("batch_req_")
+}
+
 /// A random request id with `prefix` (`cmpl-`, `chatcmpl-`).
 pub(crate) fn request_id(prefix: &str) -> String {
     let suffix = crate::keys::key::random_base62(24).unwrap_or_else(|_| format!("{:x}", unix_now()));
