@@ -37,6 +37,13 @@ pub struct Config {
     pub threads: Option<usize>,
     /// `API_KEYS_FILE`: the local keys file (a `--keys-file` flag overrides it; unset: `keys::DEFAULT_KEYS_FILE`).
     pub api_keys_file: Option<PathBuf>,
+    /// `AWS_ENDPOINT_URL`: an endpoint override (a local moto); the SDK reads it itself, this only switches S3 to
+    /// path-style addressing, which such endpoints need.
+    pub aws_endpoint_url: Option<String>,
+    /// `BATCH_QUEUE_URL`: the SQS queue of batch chunks.
+    pub batch_queue_url: Option<String>,
+    /// `BATCH_CHUNK_LINES`: requests per chunk message (default 20).
+    pub batch_chunk_lines: usize,
     /// `AWS_LAMBDA_FUNCTION_NAME` (set by Lambda): names the function in metrics.
     pub function_name: Option<String>,
     /// `LAMBDA_INVOKE_MODE`: `streaming` (default) or `buffered`.
@@ -52,6 +59,9 @@ pub struct Config {
     /// `MAX_QUEUE`: requests that may wait for the model before new ones get 503 (default 64).
     pub max_queue: usize,
 }
+
+/// Requests per batch chunk by default.
+pub const DEFAULT_BATCH_CHUNK_LINES: usize = 20;
 
 /// Requests that may wait for the model by default.
 pub const DEFAULT_MAX_QUEUE: usize = 64;
@@ -145,6 +155,9 @@ impl Config {
             log_format,
             threads,
             api_keys_file: get("API_KEYS_FILE").map(PathBuf::from),
+            aws_endpoint_url: get("AWS_ENDPOINT_URL"),
+            batch_queue_url: get("BATCH_QUEUE_URL"),
+            batch_chunk_lines: number("BATCH_CHUNK_LINES", 1)?.map_or(DEFAULT_BATCH_CHUNK_LINES, |n| n as usize),
             function_name: get("AWS_LAMBDA_FUNCTION_NAME"),
             invoke_mode: match get("LAMBDA_INVOKE_MODE").as_deref().map(str::trim) {
                 None | Some("streaming") => InvokeMode::Streaming,
@@ -239,6 +252,12 @@ mod tests {
         assert_eq!(cfg(&[("MODEL_ALIASES", "nonsense")]).unwrap_err().name, "MODEL_ALIASES");
         assert_eq!(cfg(&[("MAX_QUEUE", "0")]).unwrap_err().name, "MAX_QUEUE");
         assert_eq!(cfg(&[]).unwrap().max_queue, DEFAULT_MAX_QUEUE);
+        assert_eq!(cfg(&[]).unwrap().batch_chunk_lines, DEFAULT_BATCH_CHUNK_LINES);
+        assert_eq!(cfg(&[("BATCH_CHUNK_LINES", "5")]).unwrap().batch_chunk_lines, 5);
+        assert_eq!(
+            cfg(&[("BATCH_CHUNK_LINES", "0")]).unwrap_err().name,
+            "BATCH_CHUNK_LINES"
+        );
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! OpenAI Batch files: one JSONL request line in, exactly one result line out, each run through the HTTP router
 //! itself so batch requests get the very same validation, errors and response bodies as the API.
 
+pub mod events;
+pub mod jobs;
 pub mod local;
+pub mod s3;
+pub mod store;
 
 use crate::http::{router, AppState};
 use crate::keys::{hash_key, KeyRecord, KeysDocument, MemoryKeyStore};
