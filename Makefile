@@ -109,11 +109,13 @@ test-infra: $(INFRA_VENV)/.ok
 check-template: $(INFRA_VENV)/.ok
 	INFRA_VENV=$(INFRA_VENV) infra/check-template.sh
 
-# build/lambda/http-function.zip (template.yaml's CodeUri): bootstrap + libonnxruntime.so + model/. ARCH=arm64 for
-# Graviton.
+# build/lambda/http-function.zip and build/lambda/batch-function.zip (template.yaml's CodeUris): bootstrap +
+# libonnxruntime.so + model/, both binaries from one `cargo lambda build`. ARCH=arm64 for Graviton; BIN=batch-function
+# (or http-function) packages one of them.
 ARCH ?= x86_64
+BIN  ?= http-function batch-function
 lambda: setup
-	INFRA_VENV=$(INFRA_VENV) CACHE=$(CACHE) ARCH=$(ARCH) infra/package.sh
+	INFRA_VENV=$(INFRA_VENV) CACHE=$(CACHE) ARCH=$(ARCH) BIN="$(BIN)" infra/package.sh
 
 bench: setup
 	cargo build --release --locked

@@ -5,7 +5,14 @@
 cookies, JWT claims, query strings, `Header1`). This script keeps the skeleton's shape and replaces what a real request
 to lambda-llm carries: the path, lowercase (v2) or as-sent (v1) headers, a plain JSON body, our API key. The Function
 URL event is the same payload 2.0 shape as HTTP API v2 (`routeKey`/`stage` `$default`, host `*.lambda-url.*.on.aws`);
-`sam` has no generator for it. Re-run after changing a body; `infra/tests/test_events.py` checks the files are current.
+`sam` has no generator for it.
+
+The batch function's events come from `sam local generate-event s3 put` and `sqs receive-message`: the upload of
+`batch-example.jsonl` (written here too, so the event's size and ETag are that file's) to
+`s3://lambda-llm-batch-example/batches/input/example.jsonl`, and the one chunk message that upload becomes (the chunk
+contract of src/batch/jobs.rs: a 1-based inclusive range of non-blank lines).
+
+Re-run after changing a body; `infra/tests/test_events.py` checks the files are current.
 
 Usage: python infra/gen_events.py [--sam PATH] [--out events]
 """
@@ -47,6 +54,18 @@ CHAT = {
     "temperature": 0,
 }
 CHAT_STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+
+# Batch: an OpenAI Batch file (../shared/DESIGN.md "Batch") uploaded where the template's notification listens.
+BATCH_BUCKET = "lambda-llm-batch-example"
+BATCH_KEY = "batches/input/example.jsonl"
+BATCH_QUEUE_ARN = f"arn:aws:sqs:{REGION}:{ACCOUNT}:lambda-llm-BatchQueue-EXAMPLE"
+BATCH_LINES = [
+    {"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions", "body": CHAT},
+    {"custom_id": "request-2", "method": "POST", "url": "/v1/completions", "body": COMPLETIONS},
+]
+# The third line is cut off mid-object: not JSON, so it gets an error line (with its line number) and the rest runs.
+BATCH_BROKEN_LINE = '{"custom_id":"request-3","method":"POST","url":"/v1/chat/completions","body":{"model":'
+EVENT_TIME = "2026-11-28T14:00:00.000Z"  # EPOCH_MS
 
 # name -> (method, path, body or None)
 REQUESTS = {
@@ -191,8 +210,68 @@ def payload_v1(skeleton: dict, stem: str, method: str, path: str, body: str | No
     return ev
 
 
-def build(sam: str) -> dict[str, dict]:
-    """Every event file's content, by file name."""
+def batch_file() -> bytes:
+    """events/batch-example.jsonl: a chat request, a completion request, a broken line."""
+    lines = [json.dumps(line, separators=(",", ":")) for line in BATCH_LINES] + [BATCH_BROKEN_LINE]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def s3_put(skeleton: dict, data: bytes) -> dict:
+    """The ObjectCreated:Put record S3 sends when `data` is uploaded to BATCH_KEY (unversioned bucket: no
+    versionId; a single-part upload's ETag is the MD5 of its bytes, given without quotes)."""
+    ev = copy.deepcopy(skeleton)
+    rec = ev["Records"][0]
+    rec.update(eventTime=EVENT_TIME, eventName="ObjectCreated:Put", awsRegion=REGION)
+    rec["userIdentity"]["principalId"] = "AWS:AIDAEXAMPLEUSERID0001"
+    rec["requestParameters"]["sourceIPAddress"] = SOURCE_IP
+    rec["s3"]["configurationId"] = "lambda-llm-BatchFunction-BatchInput"
+    rec["s3"]["bucket"]["name"] = BATCH_BUCKET
+    rec["s3"]["bucket"]["arn"] = f"arn:aws:s3:::{BATCH_BUCKET}"
+    obj = rec["s3"]["object"]
+    obj.pop("versionId", None)
+    obj.update(key=BATCH_KEY, size=len(data), eTag=hashlib.md5(data).hexdigest(), sequencer="0066C2A1B3D4E5F601")
+    return ev
+
+
+def chunk_message(data: bytes) -> dict:
+    """What the S3 handler sends for `data` with the default BATCH_CHUNK_LINES (20): one chunk of every line."""
+    total = sum(1 for line in data.decode().splitlines() if line.strip())
+    return {
+        "bucket": BATCH_BUCKET,
+        "key": BATCH_KEY,
+        "etag": hashlib.md5(data).hexdigest(),
+        "name": BATCH_KEY.rsplit("/", 1)[-1].removesuffix(".jsonl"),
+        "part": 0,
+        "parts": 1,
+        "first_line": 1,
+        "last_line": total,
+        "total_lines": total,
+    }
+
+
+def sqs_chunk(skeleton: dict, data: bytes) -> dict:
+    """The SQS event of that chunk message, as the event source mapping delivers it."""
+    ev = copy.deepcopy(skeleton)
+    rec = ev["Records"][0]
+    body = json.dumps(chunk_message(data), separators=(",", ":"))
+    rec.update(
+        messageId=request_id("sqs-chunk"),
+        body=body,
+        md5OfBody=hashlib.md5(body.encode()).hexdigest(),
+        eventSourceARN=BATCH_QUEUE_ARN,
+        awsRegion=REGION,
+    )
+    rec["attributes"].update(
+        ApproximateReceiveCount="1",
+        SentTimestamp=str(EPOCH_MS),
+        SenderId="AROAEXAMPLEROLEID0001:lambda-llm-BatchFunction-EXAMPLE",
+        ApproximateFirstReceiveTimestamp=str(EPOCH_MS + 1),
+    )
+    return ev
+
+
+def build(sam: str) -> dict[str, dict | bytes]:
+    """Every event file's content, by file name (JSON documents, or bytes written as they are)."""
     v2 = sam_event(sam, "apigateway", "http-api-proxy")
     v1 = sam_event(sam, "apigateway", "aws-proxy", "--stage", "prod", "--resource", "/{proxy+}")
     files: dict[str, dict] = {}
@@ -208,12 +287,19 @@ def build(sam: str) -> dict[str, dict]:
     files["keys.json"] = {
         "keys": [{"id": "key_events", "name": "sample events (not a secret)", "hash": digest, "models": ["*"]}]
     }
+    data = batch_file()
+    files["batch-example.jsonl"] = data
+    files["s3-put.json"] = s3_put(sam_event(sam, "s3", "put", "--bucket", BATCH_BUCKET, "--key", BATCH_KEY), data)
+    queue = BATCH_QUEUE_ARN.rsplit(":", 1)[-1]
+    files["sqs-chunk.json"] = sqs_chunk(sam_event(sam, "sqs", "receive-message", "--queue-name", queue), data)
     return files
 
 
-def render(doc: dict) -> str:
-    """The files' one format: two-space JSON with a final newline."""
-    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+def render(doc: dict | bytes) -> bytes:
+    """The files' one format: two-space JSON with a final newline; a JSONL file as it is."""
+    if isinstance(doc, bytes):
+        return doc
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def main() -> int:
@@ -226,7 +312,7 @@ def main() -> int:
         sys.exit("gen_events.py: `sam` not found; run it with the infra venv's python")
     args.out.mkdir(parents=True, exist_ok=True)
     for name, doc in build(args.sam).items():
-        (args.out / name).write_text(render(doc))
+        (args.out / name).write_bytes(render(doc))
         print(f"wrote {args.out / name}")
     return 0
 

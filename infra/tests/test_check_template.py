@@ -108,6 +108,133 @@ MUTATIONS = {
         {"cfn-lint (translated)", "lambda-llm rules"},
         "'KeySecret' is not one of",
     ),
+    # --- batch jobs ---
+    # The notification must not see the function's own writes under batches/output/.
+    "batch-prefix-too-wide": (
+        "Value: batches/input/",
+        "Value: batches/",
+        {"lambda-llm rules"},
+        "also matches 'batches/output/', where the function writes: every result would trigger it again (recursion)",
+    ),
+    "batch-no-prefix": (
+        "                  - Name: prefix\n                    Value: batches/input/\n",
+        "",
+        {"lambda-llm rules"},
+        "notification prefix '' also matches 'batches/output/'",
+    ),
+    # The floor (visibility >= timeout) and AWS's advice (>= 6 x timeout), each on its own.
+    "batch-visibility-below-timeout": (
+        '    "900":\n      Seconds: 5400\n',
+        '    "900":\n      Seconds: 600\n',
+        {"lambda-llm rules"},
+        "VisibilityTimeout 600 s < the function's Timeout 900 s",
+    ),
+    "batch-visibility-below-6x": (
+        '    "900":\n      Seconds: 5400\n',
+        '    "900":\n      Seconds: 1800\n',
+        {"lambda-llm rules"},
+        "VisibilityTimeout 1800 s < 6 x Timeout 900 s",
+    ),
+    # SQS's default of 30 s; both lints only see the mapping left unused (W7001).
+    "batch-visibility-default": (
+        "      VisibilityTimeout: !FindInMap [BatchVisibility, !Ref BatchTimeout, Seconds]\n",
+        "",
+        {"sam validate --lint", "cfn-lint (translated)", "lambda-llm rules"},
+        "VisibilityTimeout 30 s < the function's Timeout 60 s",
+    ),
+    "batch-no-redrive": (
+        "      RedrivePolicy:\n        deadLetterTargetArn: !GetAtt BatchDeadLetterQueue.Arn\n"
+        "        maxReceiveCount: !Ref MaxReceiveCount\n",
+        "",
+        {"cfn-lint (translated)", "lambda-llm rules"},  # cfn-lint: parameter MaxReceiveCount unused
+        "no RedrivePolicy: a poison chunk would be retried",
+    ),
+    "batch-no-report-failures": (
+        "            FunctionResponseTypes: [ReportBatchItemFailures]",
+        "            # FunctionResponseTypes: [ReportBatchItemFailures]",
+        {"lambda-llm rules"},
+        "FunctionResponseTypes lacks ReportBatchItemFailures",
+    ),
+    "batch-no-max-concurrency": (
+        "            ScalingConfig:\n              MaximumConcurrency: !Ref BatchMaxConcurrency\n",
+        "",
+        {"cfn-lint (translated)", "lambda-llm rules"},  # cfn-lint: parameter BatchMaxConcurrency unused
+        "ScalingConfig.MaximumConcurrency None",
+    ),
+    # Least privilege: S3 on the two prefixes, SQS on the chunk queue, logs on the own group.
+    "batch-s3-whole-bucket": (
+        "lambda-llm-batch-${StackUuid}/batches/output/*",
+        "lambda-llm-batch-${StackUuid}/*",
+        {"lambda-llm rules"},
+        "s3:GetObject on '*' (the whole bucket)",
+    ),
+    "batch-put-on-input": (
+        "                Action: s3:GetObject\n",
+        "                Action: [s3:GetObject, s3:PutObject]\n",
+        {"lambda-llm rules"},
+        "s3:PutObject on 'batches/input/*' reaches 'batches/input/': a write there triggers the function (recursion)",
+    ),
+    "batch-sqs-wildcard": (
+        "                Action: sqs:SendMessage\n                Resource: !GetAtt BatchQueue.Arn\n",
+        '                Action: sqs:SendMessage\n                Resource: "*"\n',
+        {"lambda-llm rules"},
+        "wildcard resource in ['*']",
+    ),
+    # An explicit role gets nothing from SAM's SQS event: without these the event source mapping is refused.
+    "batch-poller-incomplete": (
+        "Action: [sqs:ReceiveMessage, sqs:DeleteMessage, sqs:GetQueueAttributes]",
+        "Action: [sqs:ReceiveMessage, sqs:DeleteMessage]",
+        {"lambda-llm rules"},
+        "no sqs:GetQueueAttributes on BatchQueue: the SQS event source needs it",
+    ),
+    "batch-poller-on-dlq": (
+        "                Action: [sqs:ReceiveMessage, sqs:DeleteMessage, sqs:GetQueueAttributes]\n"
+        "                Resource: !GetAtt BatchQueue.Arn\n",
+        "                Action: [sqs:ReceiveMessage, sqs:DeleteMessage, sqs:GetQueueAttributes]\n"
+        "                Resource: !GetAtt BatchDeadLetterQueue.Arn\n",
+        {"lambda-llm rules"},
+        "expected only !GetAtt BatchQueue.Arn",
+    ),
+    "batch-logs-other-group": (
+        "Resource: !GetAtt BatchFunctionLogGroup.Arn",
+        "Resource: !GetAtt HttpFunctionLogGroup.Arn",
+        {"lambda-llm rules"},
+        "expected only !GetAtt of ['BatchFunctionLogGroup'].Arn",
+    ),
+    "batch-shares-http-role": (
+        "Role: !GetAtt BatchFunctionRole.Arn",
+        "Role: !GetAtt FunctionRole.Arn",
+        {"lambda-llm rules"},
+        "HTTP and batch functions need different grants",
+    ),
+    # The S3 notification makes the bucket depend on the function: a !Ref to the bucket from the function is a
+    # cycle. SAM adds the notification while translating, so `sam validate --lint` cannot see it; cfn-lint can.
+    "batch-bucket-ref-cycle": (
+        "          BATCH_BUCKET: !Sub\n            - lambda-llm-batch-${StackUuid}\n"
+        '            - StackUuid: !Select [2, !Split ["/", !Ref AWS::StackId]]\n',
+        "          BATCH_BUCKET: !Ref BatchBucket\n",
+        {"cfn-lint (translated)", "lambda-llm rules"},
+        "E3004:Circular Dependencies for resource BatchBucket",
+    ),
+    "batch-no-retention": (
+        "      LogGroupName: !Sub /aws/lambda/${AWS::StackName}-BatchFunction\n"
+        "      RetentionInDays: !Ref LogRetentionDays\n",
+        "      LogGroupName: !Sub /aws/lambda/${AWS::StackName}-BatchFunction\n",
+        {"lambda-llm rules"},
+        "BatchFunctionLogGroup: RetentionInDays not set",
+    ),
+    "batch-http-package": (
+        "CodeUri: build/lambda/batch-function.zip",
+        "CodeUri: build/lambda/http-function.zip",
+        {"lambda-llm rules"},
+        "expected CodeUri 'build/lambda/batch-function.zip'",
+    ),
+    "batch-keeps-keys-env": (
+        "          API_KEYS_SECRET_ID: !Ref AWS::NoValue\n",
+        "",
+        {"lambda-llm rules"},
+        "API_KEYS_SECRET_ID is an HTTP function's",
+    ),
 }
 
 

@@ -1,12 +1,14 @@
-"""infra/package.sh and lambda_zip.py with stand-in files: the zip's layout, modes, reproducibility and refusals.
+"""infra/package.sh and lambda_zip.py with stand-in files: the zips' layout, modes, reproducibility and refusals.
 
-The real build (cargo lambda, the real model) is `make lambda`; here the binary and the library are tiny ELF headers
-of the right machine, so the packaging rules are tested in a second, offline, without a Rust build.
+The real build (cargo lambda, the real model) is `make lambda`; here the binaries and the library are tiny ELF headers
+of the right machine, and `cargo` is a stand-in that records how it was called and writes what `cargo lambda build`
+writes, so the packaging rules are tested in seconds, offline, without a Rust build.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import struct
 import subprocess
 import sys
@@ -31,11 +33,58 @@ LAYOUT = [
 ]
 
 
-def fake_elf(path: Path, machine: int, size: int = 4096) -> Path:
-    """An ELF64 little-endian header with e_machine `machine`, padded."""
-    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack("<HH", 3, machine)
+BINS = ("http-function", "batch-function")
+
+
+def fake_elf(path: Path, machine: int, size: int = 4096, tag: bytes = b"") -> Path:
+    """An ELF64 little-endian header with e_machine `machine`, then `tag` (to tell binaries apart), padded."""
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack("<HH", 3, machine) + tag
     path.write_bytes(header + bytes(size - len(header)))
     return path
+
+
+# A stand-in `cargo`: `cargo lambda build ... --bin A --bin B --target T --lambda-dir D` appends its arguments to
+# $FAKE_CARGO_LOG (one line per call) and writes D/A/bootstrap, D/B/bootstrap: ELF files of T's machine tagged with
+# the binary's name. Anything else fails.
+FAKE_CARGO = r"""#!/usr/bin/env python3
+import os, shlex, struct, sys
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["FAKE_CARGO_LOG"], "a") as log:
+    log.write(shlex.join(args) + "\n")
+if args[:2] != ["lambda", "build"]:
+    sys.exit(f"fake cargo: unexpected {args}")
+bins = [args[i + 1] for i, a in enumerate(args) if a == "--bin"]
+target = args[args.index("--target") + 1]
+out = Path(args[args.index("--lambda-dir") + 1])
+machine = 183 if target.startswith("aarch64") else 62
+for b in bins:
+    (out / b).mkdir(parents=True, exist_ok=True)
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack("<HH", 3, machine) + b.encode()
+    (out / b / "bootstrap").write_bytes(header + bytes(4096 - len(header)))
+"""
+
+
+@pytest.fixture
+def fake_cargo(tmp_path):
+    """PATH entries with the stand-in cargo, and the log of its calls."""
+    d = tmp_path / "fake-bin"
+    d.mkdir()
+    (d / "cargo").write_text(FAKE_CARGO)
+    (d / "cargo").chmod(0o755)
+    log = tmp_path / "cargo-calls.log"
+    env = tool_env()
+    return {
+        "PATH": f"{d}:{env['PATH']}",
+        "FAKE_CARGO_LOG": str(log),
+        "CARGO_TARGET_DIR": str(tmp_path / "target"),
+        "log": log,
+    }
+
+
+def cargo_calls(fake: dict) -> list[list[str]]:
+    log = fake["log"]
+    return [shlex.split(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 @pytest.fixture
@@ -46,6 +95,7 @@ def inputs(tmp_path):
     (model / "model.onnx").write_bytes(b"onnx" * 1000)
     (model / "tokenizer.json").write_text("{}")
     return {
+        "BIN": "http-function",
         "BOOTSTRAP": str(fake_elf(tmp_path / "bootstrap", 62)),
         "ORT_LIB": str(fake_elf(tmp_path / "libonnxruntime.so", 62)),
         "MODEL_DIR": str(model),
@@ -54,8 +104,19 @@ def inputs(tmp_path):
 
 
 def package(inputs: dict, **extra: str) -> subprocess.CompletedProcess:
-    env = tool_env(**inputs, **extra)
+    env = tool_env(**{k: v for k, v in {**inputs, **extra}.items() if isinstance(v, str)})
     return subprocess.run(["bash", str(INFRA / "package.sh")], capture_output=True, text=True, env=env, timeout=120)
+
+
+def both(inputs: dict, out_dir: Path) -> dict:
+    """`inputs` for packaging both binaries into out_dir (no single BOOTSTRAP / OUT / BIN)."""
+    rest = {k: v for k, v in inputs.items() if k not in ("BIN", "BOOTSTRAP", "OUT")}
+    return {**rest, "OUT_DIR": str(out_dir)}
+
+
+def bootstrap_of(zip_path: Path) -> bytes:
+    with zipfile.ZipFile(zip_path) as zf:
+        return zf.read("bootstrap")
 
 
 def test_layout_and_modes(inputs):
@@ -116,6 +177,88 @@ def test_check_enforces_the_size_limit(inputs):
         lambda_zip.check(out, "x86_64", limit=1000)
 
 
+def test_one_cargo_lambda_build_makes_both_zips(inputs, fake_cargo, tmp_path):
+    """`make lambda` = package.sh with no BIN: one `cargo lambda build --bin http-function --bin batch-function`
+    (cargo-lambda 1.9.2 passes every --bin to one cargo build and writes <lambda-dir>/<bin>/bootstrap for each),
+    then one zip per binary, each with its own bootstrap and the same library and model."""
+    out = tmp_path / "zips"
+    p = package(both(inputs, out), **fake_cargo)
+    assert p.returncode == 0, p.stdout + p.stderr
+    calls = cargo_calls(fake_cargo)
+    assert len(calls) == 1, calls
+    call = calls[0]
+    assert call[:2] == ["lambda", "build"] and "--release" in call and "--locked" in call
+    assert [call[i + 1] for i, a in enumerate(call) if a == "--bin"] == list(BINS)
+    assert call[call.index("--target") + 1] == "x86_64-unknown-linux-gnu"
+    assert call[call.index("--lambda-dir") + 1] == f"{fake_cargo['CARGO_TARGET_DIR']}/lambda"
+    assert sorted(f.name for f in out.iterdir()) == sorted(f"{b}.zip" for b in BINS)
+    for b in BINS:
+        with zipfile.ZipFile(out / f"{b}.zip") as zf:
+            assert [i.filename for i in zf.infolist()] == LAYOUT
+            assert b.encode() in zf.read("bootstrap")[:64], f"{b}.zip holds another binary"
+            assert zf.read("libonnxruntime.so") == Path(inputs["ORT_LIB"]).read_bytes()
+    assert "batch-function.zip (batch-function, x86_64) ready" in p.stdout
+
+
+def test_bin_selects_one_binary(inputs, fake_cargo, tmp_path):
+    out = tmp_path / "zips"
+    p = package(both(inputs, out), BIN="batch-function", **fake_cargo)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [call] = cargo_calls(fake_cargo)
+    assert [call[i + 1] for i, a in enumerate(call) if a == "--bin"] == ["batch-function"]
+    assert [f.name for f in out.iterdir()] == ["batch-function.zip"]
+
+
+def test_arm64_builds_both_for_aarch64(inputs, fake_cargo, tmp_path):
+    out = tmp_path / "zips"
+    arm_lib = str(fake_elf(tmp_path / "libonnxruntime-arm.so", 183))
+    p = package({**both(inputs, out), "ORT_LIB": arm_lib}, ARCH="arm64", **fake_cargo)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [call] = cargo_calls(fake_cargo)
+    assert call[call.index("--target") + 1] == "aarch64-unknown-linux-gnu"
+    for b in BINS:
+        assert lambda_zip.elf_machine(bootstrap_of(out / f"{b}.zip")) == 183
+
+
+def test_bootstrap_dir_packages_prebuilt_binaries(inputs, tmp_path):
+    """BOOTSTRAP_DIR: binaries built elsewhere, in cargo lambda's layout; nothing is built."""
+    prebuilt = tmp_path / "prebuilt"
+    for b in BINS:
+        (prebuilt / b).mkdir(parents=True)
+        fake_elf(prebuilt / b / "bootstrap", 62, tag=b.encode())
+    out = tmp_path / "zips"
+    p = package(both(inputs, out), BOOTSTRAP_DIR=str(prebuilt), PATH="/usr/bin:/bin")  # no cargo on PATH
+    assert p.returncode == 0, p.stdout + p.stderr
+    for b in BINS:
+        assert bootstrap_of(out / f"{b}.zip") == (prebuilt / b / "bootstrap").read_bytes()
+    missing = package(both(inputs, tmp_path / "none"), BOOTSTRAP_DIR=str(tmp_path / "empty"), PATH="/usr/bin:/bin")
+    assert missing.returncode == 1 and "http-function/bootstrap missing" in missing.stderr
+
+
+def test_refuses_unknown_binaries_and_single_paths_for_two(inputs, tmp_path):
+    p = package(inputs, BIN="lambda-llm")
+    assert p.returncode == 1 and "BIN=lambda-llm: expected one or more of: http-function batch-function" in p.stderr
+    p = package({**inputs, "BIN": "http-function batch-function"})
+    assert p.returncode == 1 and "BOOTSTRAP packages one binary" in p.stderr
+    rest = {k: v for k, v in inputs.items() if k != "BOOTSTRAP"}
+    p = package({**rest, "BIN": "http-function batch-function", "BOOTSTRAP_DIR": str(tmp_path)})
+    assert p.returncode == 1 and "OUT names one zip" in p.stderr
+
+
+def test_the_defaults_write_what_the_template_names():
+    """package.sh's DEFAULT_OUT_DIR/<bin>.zip for its DEFAULT_BINS are the template's CodeUris (make check-template
+    checks the same through check_template.py)."""
+    text = (INFRA / "package.sh").read_text()
+    template = check_template.load_template(ROOT / "template.yaml")
+    uris = {
+        r["Properties"].get("CodeUri", template["Globals"]["Function"]["CodeUri"])
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::Serverless::Function"
+    }
+    assert "DEFAULT_OUT_DIR=build/lambda\n" in text and 'DEFAULT_BINS="http-function batch-function"\n' in text
+    assert uris == {f"build/lambda/{b}.zip" for b in BINS}
+
+
 def test_check_refuses_a_zip_without_the_library(tmp_path):
     z = tmp_path / "bad.zip"
     with zipfile.ZipFile(z, "w") as zf:
@@ -124,10 +267,10 @@ def test_check_refuses_a_zip_without_the_library(tmp_path):
         lambda_zip.check(z, None)
 
 
-def test_sam_package_uploads_the_zip_once_for_both_functions(aws, inputs, tmp_path):
-    """`sam package` (the first half of `sam deploy`) against moto's S3: template.yaml's CodeUri resolves to the
-    zip package.sh writes, uploaded as is (not re-zipped) under its MD5, once for both functions, and not again
-    when it has not changed."""
+def test_sam_package_uploads_each_zip_once(aws, inputs, fake_cargo, tmp_path):
+    """`sam package` (the first half of `sam deploy`) against moto's S3: template.yaml's CodeUris resolve to the
+    zips package.sh writes, each uploaded as is (not re-zipped) under its MD5, the HTTP zip once for both HTTP
+    functions, and neither again when it has not changed."""
     import hashlib
 
     import boto3
@@ -135,8 +278,9 @@ def test_sam_package_uploads_the_zip_once_for_both_functions(aws, inputs, tmp_pa
     project = tmp_path / "project"
     (project / "build" / "lambda").mkdir(parents=True)
     (project / "template.yaml").write_text((ROOT / "template.yaml").read_text())
-    zip_path = project / "build" / "lambda" / "http-function.zip"
-    assert package({**inputs, "OUT": str(zip_path)}).returncode == 0
+    made = package(both(inputs, project / "build" / "lambda"), **fake_cargo)
+    assert made.returncode == 0, made.stdout + made.stderr
+    zips = {b: project / "build" / "lambda" / f"{b}.zip" for b in BINS}
     s3 = boto3.client(
         "s3",
         endpoint_url=aws["AWS_ENDPOINT_URL"],
@@ -159,16 +303,25 @@ def test_sam_package_uploads_the_zip_once_for_both_functions(aws, inputs, tmp_pa
 
     p = sam_package("packaged.yaml")
     assert p.returncode == 0, p.stdout + p.stderr
-    digest = hashlib.md5(zip_path.read_bytes()).hexdigest()
+    digest = {b: hashlib.md5(z.read_bytes()).hexdigest() for b, z in zips.items()}
+    assert digest["http-function"] != digest["batch-function"]
     objects = s3.list_objects_v2(Bucket="lambda-llm-artifacts")["Contents"]
-    assert [(o["Key"], o["Size"]) for o in objects] == [(digest, zip_path.stat().st_size)]
+    assert sorted((o["Key"], o["Size"]) for o in objects) == sorted(
+        (digest[b], zips[b].stat().st_size) for b in BINS
+    )
     packaged = check_template.load_template(project / "packaged.yaml")
     uris = {
         k: r["Properties"]["CodeUri"]
         for k, r in packaged["Resources"].items()
         if r["Type"] == "AWS::Serverless::Function"
     }
-    assert uris == {f: f"s3://lambda-llm-artifacts/{digest}" for f in ("HttpFunction", "HttpBufferedFunction")}
+    assert uris == {
+        "HttpFunction": f"s3://lambda-llm-artifacts/{digest['http-function']}",
+        "HttpBufferedFunction": f"s3://lambda-llm-artifacts/{digest['http-function']}",
+        "BatchFunction": f"s3://lambda-llm-artifacts/{digest['batch-function']}",
+    }
     again = sam_package("packaged-again.yaml")
     assert again.returncode == 0
-    assert "skipping upload" in again.stdout + again.stderr
+    out = again.stdout + again.stderr
+    assert out.count("skipping upload") >= 2, out
+    assert len(s3.list_objects_v2(Bucket="lambda-llm-artifacts")["Contents"]) == 2

@@ -86,7 +86,8 @@ class Moto:
 class Watch:
     """`cargo lambda watch` serving `http-function` on its own port, with the function's environment."""
 
-    def __init__(self, tmp: Path, name: str, endpoint: str, mode: str):
+    def __init__(self, tmp: Path, name: str, endpoint: str, mode: str, binary: str = "http-function",
+                 extra_env: dict | None = None):
         bindir = os.environ.get("CARGO_LAMBDA_BIN")
         path = os.environ.get("PATH", "")
         if bindir:
@@ -94,7 +95,7 @@ class Watch:
         if not shutil.which("cargo-lambda", path=path):
             pytest.fail("cargo-lambda not found: run `make setup` (CARGO_LAMBDA_BIN points at the infra venv's bin)")
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}/lambda-url/http-function"
+        self.base = f"http://127.0.0.1:{self.port}/lambda-url/{binary}"
         self.log = tmp / f"watch-{name}.log"
         env_vars = {
             "MODEL_DIR": str(REPO / "model-artifacts" / "smollm2-135m-instruct"),
@@ -107,18 +108,22 @@ class Watch:
             "LAMBDA_INVOKE_MODE": mode,
             "LOG_FORMAT": "json",
             "RUST_LOG": "info",
+            **(extra_env or {}),
         }
-        cmd = ["cargo", "lambda", "watch", "--ignore-changes", "--invoke-port", str(self.port), "--bin",
-               "http-function"]
+        cmd = ["cargo", "lambda", "watch", "--ignore-changes", "--invoke-port", str(self.port), "--bin", binary]
         for k, v in env_vars.items():
             cmd += ["--env-var", f"{k}={v}"]
         env = dict(os.environ, PATH=path)
         self.env = env
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        # The emulator answers at once; the function itself starts (and may compile) on the first invocation.
-        wait_for(lambda: urllib.request.urlopen(self.base + "/health", timeout=120).status == 200, 600,
-                 f"cargo lambda watch ({name})", self.log)
+        if binary == "http-function":
+            # The emulator answers at once; the function itself starts (and may compile) on the first invocation.
+            wait_for(lambda: urllib.request.urlopen(self.base + "/health", timeout=120).status == 200, 600,
+                     f"cargo lambda watch ({name})", self.log)
+        else:
+            wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() is None, 120,
+                     f"cargo lambda watch ({name})", self.log)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

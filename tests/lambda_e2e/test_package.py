@@ -22,13 +22,15 @@ LAMBDA_UNZIPPED_LIMIT = 262_144_000  # bytes: 250 MiB, function and layers toget
 EXPECTED = {"bootstrap", "libonnxruntime.so", "model/manifest.json", "model/model.onnx", "model/tokenizer.json"}
 
 
-def test_the_zip_holds_bootstrap_library_and_model_within_the_limit():
-    assert ZIP.exists(), f"{ZIP} is missing: `make lambda` builds it (make test does)"
-    with zipfile.ZipFile(ZIP) as z:
+@pytest.mark.parametrize("name", ["http-function", "batch-function"])
+def test_the_zip_holds_bootstrap_library_and_model_within_the_limit(name):
+    path = REPO / "build" / "lambda" / f"{name}.zip"
+    assert path.exists(), f"{path} is missing: `make lambda` builds it (make test does)"
+    with zipfile.ZipFile(path) as z:
         infos = [i for i in z.infolist() if not i.is_dir()]
     assert {i.filename for i in infos} == EXPECTED
     unzipped = sum(i.file_size for i in infos)
-    print(f"\nzip {ZIP.stat().st_size / 1e6:.1f} MB, unzipped {unzipped / 1e6:.1f} MB "
+    print(f"\n{name}: zip {path.stat().st_size / 1e6:.1f} MB, unzipped {unzipped / 1e6:.1f} MB "
           + ", ".join(f"{i.filename} {i.file_size / 1e6:.1f} MB" for i in infos))
     assert unzipped < LAMBDA_UNZIPPED_LIMIT
     modes = {i.filename: (i.external_attr >> 16) for i in infos}
