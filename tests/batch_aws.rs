@@ -2,8 +2,7 @@
 //! messages, the chunks are delivered shuffled and one twice, and exactly one result line per input line comes out,
 //! in input order; a chunk cut short by its deadline is redone without duplicates.
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_s3::config::Credentials;
+use aws_config::SdkConfig;
 use lambda_llm::batch::events::handle;
 use lambda_llm::batch::jobs::{BatchJobs, Status};
 use lambda_llm::batch::s3::{S3Store, SqsQueue};
@@ -12,7 +11,7 @@ use lambda_llm::config::Config;
 use lambda_llm::engine::{Engine, EngineOptions};
 use lambda_llm::http::AppState;
 use lambda_llm::keys::MemoryKeyStore;
-use moto::Moto;
+use moto::{sdk_config, Moto};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -22,15 +21,6 @@ use std::time::{Duration, Instant};
 mod moto;
 
 const BUCKET: &str = "lambda-llm-batch";
-
-async fn sdk(endpoint: &str) -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "moto"))
-        .load()
-        .await
-}
 
 fn state() -> AppState {
     static STATE: OnceLock<AppState> = OnceLock::new();
@@ -50,7 +40,7 @@ fn state() -> AppState {
 /// Moto with the bucket and the queue, and the job logic wired to them.
 async fn setup(chunk_lines: usize) -> (Moto, SdkConfig, String, BatchJobs) {
     let moto = Moto::start();
-    let sdk = sdk(&moto.endpoint()).await;
+    let sdk = sdk_config(&moto.endpoint()).await;
     let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build());
     s3.create_bucket().bucket(BUCKET).send().await.unwrap();
     let sqs = aws_sdk_sqs::Client::new(&sdk);

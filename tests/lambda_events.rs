@@ -30,15 +30,25 @@ fn state() -> AppState {
         .clone()
 }
 
+/// A request as lambda_http builds it from an event, through the Lambda app.
+async fn serve(req: lambda_http::Request) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::Body::from(body.to_vec());
+    lambda_llm::lambda::app(state())
+        .oneshot(axum::http::Request::from_parts(parts, body))
+        .await
+        .unwrap()
+}
+
+/// A recorded event as JSON, to be edited by a test.
+fn event(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("events").join(name)).unwrap()).unwrap()
+}
+
 async fn invoke(event: &Path) -> (StatusCode, String) {
     let text = std::fs::read_to_string(event).unwrap();
     let req = lambda_http::request::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", event.display()));
-    let (parts, body) = req.into_parts();
-    let body = axum::body::Body::from(body.to_vec());
-    let resp = lambda_llm::lambda::app(state())
-        .oneshot(axum::http::Request::from_parts(parts, body))
-        .await
-        .unwrap();
+    let resp = serve(req).await;
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(bytes.to_vec()).unwrap())
@@ -107,21 +117,12 @@ async fn the_rest_stage_prefix_is_stripped_and_health_needs_no_key() {
 
 #[tokio::test]
 async fn an_event_without_the_key_is_refused() {
-    let text = std::fs::read_to_string(root().join("events/http-api-completions.json")).unwrap();
-    let mut v: Value = serde_json::from_str(&text).unwrap();
+    let mut v = event("http-api-completions.json");
     v["headers"]
         .as_object_mut()
         .unwrap()
         .retain(|k, _| !k.eq_ignore_ascii_case("authorization"));
-    let req = lambda_http::request::from_str(&v.to_string()).unwrap();
-    let (parts, body) = req.into_parts();
-    let resp = lambda_llm::lambda::app(state())
-        .oneshot(axum::http::Request::from_parts(
-            parts,
-            axum::body::Body::from(body.to_vec()),
-        ))
-        .await
-        .unwrap();
+    let resp = serve(lambda_http::request::from_str(&v.to_string()).unwrap()).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert!(
         resp.headers().get(axum::http::header::CONNECTION).is_none(),
@@ -131,8 +132,7 @@ async fn an_event_without_the_key_is_refused() {
 
 #[tokio::test]
 async fn generation_stops_before_the_invocation_deadline() {
-    let text = std::fs::read_to_string(root().join("events/http-api-completions.json")).unwrap();
-    let mut v: Value = serde_json::from_str(&text).unwrap();
+    let mut v = event("http-api-completions.json");
     let body =
         serde_json::json!({"model": "smollm2-135m-instruct", "prompt": "Count to a thousand:", "max_tokens": 4000});
     v["body"] = Value::String(body.to_string());
@@ -145,14 +145,7 @@ async fn generation_stops_before_the_invocation_deadline() {
     let mut ctx = lambda_http::Context::default();
     ctx.deadline = now_ms + lambda_llm::lambda::DEADLINE_MARGIN.as_millis() as u64 + 300;
     req.extensions_mut().insert(ctx);
-    let (parts, body) = req.into_parts();
-    let resp = lambda_llm::lambda::app(state())
-        .oneshot(axum::http::Request::from_parts(
-            parts,
-            axum::body::Body::from(body.to_vec()),
-        ))
-        .await
-        .unwrap();
+    let resp = serve(req).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "length");

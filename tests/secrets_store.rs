@@ -4,13 +4,11 @@
 //! talks to it through the AWS SDK with explicit endpoint, region and credentials, never through the process
 //! environment. Timing assertions are bounded loops with generous limits, not exact delays.
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_secretsmanager::config::Credentials;
 use aws_sdk_secretsmanager::Client;
 use lambda_llm::keys::{
     generate_key, hash_key, KeyRecord, KeyStore, KeyStoreError, KeysDocument, SecretsManagerKeyStore,
 };
-use moto::Moto;
+use moto::{sdk_config, Moto};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -18,16 +16,6 @@ use std::time::{Duration, Instant};
 
 #[path = "support/moto.rs"]
 mod moto;
-
-/// SDK configuration for `endpoint`, with fixed region and fake credentials (moto accepts any).
-async fn sdk_config(endpoint: &str) -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "moto"))
-        .load()
-        .await
-}
 
 /// A store for secret `id` at `endpoint`, built the way the Lambda function builds its own.
 async fn store(endpoint: &str, id: &str, ttl: Duration) -> SecretsManagerKeyStore {

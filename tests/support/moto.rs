@@ -164,3 +164,15 @@ fn the_port_is_read_from_the_start_up_line() {
     assert_eq!(announced_port(" * Running on http://127.0.0.1:"), None);
     assert_eq!(announced_port(""), None);
 }
+
+/// SDK configuration for a moto `endpoint`, with fixed region and fake credentials (moto accepts any).
+pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
+            "testing", "testing", None, None, "moto",
+        ))
+        .load()
+        .await
+}
