@@ -58,6 +58,10 @@ pub struct Config {
     pub limits: crate::http::Limits,
     /// `MAX_QUEUE`: requests that may wait for the model before new ones get 503 (default 64).
     pub max_queue: usize,
+    /// Most requests decoding together in one batched step (`MAX_BATCH`).
+    pub max_batch: usize,
+    /// Memory for the prefix cache in bytes (`PREFIX_CACHE_MB`; 0 disables it).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Requests per batch chunk by default.
@@ -65,6 +69,12 @@ pub const DEFAULT_BATCH_CHUNK_LINES: usize = 20;
 
 /// Requests that may wait for the model by default.
 pub const DEFAULT_MAX_QUEUE: usize = 64;
+
+/// Default `MAX_BATCH`.
+pub const DEFAULT_MAX_BATCH: usize = 8;
+
+/// Default `PREFIX_CACHE_MB`: about 1,400 tokens of SmolLM2-135M state.
+pub const DEFAULT_PREFIX_CACHE_MB: usize = 64;
 
 /// `a=b,c=d` → `[(a, b), (c, d)]`; `None` if a pair is malformed.
 fn parse_aliases(v: &str) -> Option<Vec<(String, String)>> {
@@ -94,6 +104,16 @@ impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// How to load the engine.
+    pub fn engine_options(&self) -> crate::engine::EngineOptions {
+        crate::engine::EngineOptions {
+            ort_dylib_path: self.ort_dylib_path.clone(),
+            threads: self.threads,
+            max_batch: self.max_batch,
+            prefix_cache_bytes: self.prefix_cache_bytes,
+        }
     }
 
     /// Reads variables through `var` (tests pass a map instead of the process environment).
@@ -149,6 +169,8 @@ impl Config {
             ..defaults
         };
         let max_queue = number("MAX_QUEUE", 1)?.map_or(DEFAULT_MAX_QUEUE, |n| n as usize);
+        let max_batch = number("MAX_BATCH", 1)?.map_or(DEFAULT_MAX_BATCH, |n| n as usize);
+        let prefix_cache_bytes = number("PREFIX_CACHE_MB", 0)?.map_or(DEFAULT_PREFIX_CACHE_MB, |n| n as usize) << 20;
         Ok(Self {
             model_dir: get("MODEL_DIR").map_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR), PathBuf::from),
             ort_dylib_path: get("ORT_DYLIB_PATH").map(PathBuf::from),
@@ -175,6 +197,8 @@ impl Config {
             model_aliases,
             limits,
             max_queue,
+            max_batch,
+            prefix_cache_bytes,
         })
     }
 }
@@ -252,6 +276,14 @@ mod tests {
         assert_eq!(cfg(&[("MODEL_ALIASES", "nonsense")]).unwrap_err().name, "MODEL_ALIASES");
         assert_eq!(cfg(&[("MAX_QUEUE", "0")]).unwrap_err().name, "MAX_QUEUE");
         assert_eq!(cfg(&[]).unwrap().max_queue, DEFAULT_MAX_QUEUE);
+        let c = cfg(&[("MAX_BATCH", "3"), ("PREFIX_CACHE_MB", "0")]).unwrap();
+        assert_eq!((c.max_batch, c.prefix_cache_bytes), (3, 0));
+        let d = cfg(&[]).unwrap();
+        assert_eq!(
+            (d.max_batch, d.prefix_cache_bytes),
+            (DEFAULT_MAX_BATCH, DEFAULT_PREFIX_CACHE_MB << 20)
+        );
+        assert_eq!(cfg(&[("MAX_BATCH", "0")]).unwrap_err().name, "MAX_BATCH");
         assert_eq!(cfg(&[]).unwrap().batch_chunk_lines, DEFAULT_BATCH_CHUNK_LINES);
         assert_eq!(cfg(&[("BATCH_CHUNK_LINES", "5")]).unwrap().batch_chunk_lines, 5);
         assert_eq!(

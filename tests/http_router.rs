@@ -525,7 +525,12 @@ fn slow_state(queue: usize) -> (AppState, Arc<std::sync::atomic::AtomicUsize>) {
         logits,
         steps: steps.clone(),
     };
-    let worker = lambda_llm::engine::worker::Worker::spawn(model, s.model.tokenizer.clone(), queue);
+    let worker = lambda_llm::engine::worker::Worker::spawn(
+        lambda_llm::core::OneAtATime::new(model),
+        s.model.tokenizer.clone(),
+        queue,
+        1,
+    );
     (AppState { worker, ..s }, steps)
 }
 
@@ -636,7 +641,12 @@ async fn an_error_after_the_stream_started_is_an_error_event_then_done() {
         inner: Slow { info, logits, steps },
         calls: 0,
     };
-    let worker = lambda_llm::engine::worker::Worker::spawn(model, s.model.tokenizer.clone(), 1);
+    let worker = lambda_llm::engine::worker::Worker::spawn(
+        lambda_llm::core::OneAtATime::new(model),
+        s.model.tokenizer.clone(),
+        1,
+        1,
+    );
     let s = AppState { worker, ..s };
     let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": true})
         .to_string()

@@ -7,7 +7,7 @@ use lambda_llm::batch::jobs::BatchJobs;
 use lambda_llm::batch::s3::{S3Store, SqsQueue};
 use lambda_llm::batch::BatchRunner;
 use lambda_llm::config::Config;
-use lambda_llm::engine::{Engine, EngineOptions};
+use lambda_llm::engine::Engine;
 use lambda_llm::http::AppState;
 use lambda_llm::keys::MemoryKeyStore;
 use serde_json::Value;
@@ -23,10 +23,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         .batch_queue_url
         .clone()
         .ok_or("BATCH_QUEUE_URL is not set: the batch function needs its chunk queue")?;
-    let options = EngineOptions {
-        ort_dylib_path: config.ort_dylib_path.clone(),
-        threads: config.threads,
-    };
+    let options = config.engine_options();
     let dir = config.model_dir.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::load(&dir, &options));
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;

@@ -2,7 +2,7 @@
 //! router under the Lambda Runtime API, streamed or buffered.
 
 use lambda_llm::config::{Config, InvokeMode};
-use lambda_llm::engine::{Engine, EngineOptions};
+use lambda_llm::engine::Engine;
 use lambda_llm::http::AppState;
 use lambda_llm::keys::secrets::SecretsManagerKeyStore;
 use lambda_llm::keys::KeyStore;
@@ -22,10 +22,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         .clone()
         .ok_or("API_KEYS_SECRET_ID is not set: the function needs the Secrets Manager secret holding the API keys")?;
     let store = SecretsManagerKeyStore::from_env(secret_id, config.keys_cache_ttl).await;
-    let options = EngineOptions {
-        ort_dylib_path: config.ort_dylib_path.clone(),
-        threads: config.threads,
-    };
+    let options = config.engine_options();
     let dir = config.model_dir.clone();
     // Loading keys and the model overlap: the secret is fetched while ONNX Runtime builds the session.
     let engine = tokio::task::spawn_blocking(move || Engine::load(&dir, &options));

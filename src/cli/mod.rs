@@ -7,7 +7,7 @@ mod serve;
 
 use crate::config::Config;
 use crate::core::{generate, GenerationRequest, RawSampling};
-use crate::engine::{ChatMessage, Engine, EngineOptions};
+use crate::engine::{ChatMessage, Engine};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -63,10 +63,7 @@ impl ModelArgs {
     /// Loads the engine from the flag, else the config.
     pub fn load(&self, config: &Config) -> Result<Engine> {
         let dir = self.model_dir.clone().unwrap_or_else(|| config.model_dir.clone());
-        let options = EngineOptions {
-            ort_dylib_path: config.ort_dylib_path.clone(),
-            threads: config.threads,
-        };
+        let options = config.engine_options();
         let engine = Engine::load(&dir, &options).with_context(|| format!("loading model from {}", dir.display()))?;
         tracing::info!(
             model = %engine.manifest.id,

@@ -87,7 +87,8 @@ fn eos_ends_with_stop_and_is_not_emitted() {
         g.usage,
         Usage {
             prompt_tokens: 1,
-            completion_tokens: 5
+            completion_tokens: 5,
+            cached_tokens: 0,
         }
     );
     assert_eq!(deltas.iter().map(|d| d.text.as_str()).collect::<String>(), g.text);

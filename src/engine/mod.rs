@@ -1,6 +1,8 @@
 //! The inference engine: a model artifact (manifest, ONNX graph, tokenizer, chat template) behind `core`'s traits.
 
+pub mod bind;
 pub mod chat;
+pub mod kv;
 pub mod manifest;
 pub mod runtime;
 pub mod session;
@@ -35,12 +37,28 @@ pub enum EngineError {
 }
 
 /// Options for [`Engine::load`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Explicit ONNX Runtime library (`ORT_DYLIB_PATH`).
     pub ort_dylib_path: Option<PathBuf>,
     /// Intra-op threads (default: all cores).
     pub threads: Option<usize>,
+    /// Most sequences decoding together (`MAX_BATCH`).
+    pub max_batch: usize,
+    /// Memory for the prefix cache (`PREFIX_CACHE_MB`; 0 disables it).
+    pub prefix_cache_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        let session = SessionOptions::default();
+        Self {
+            ort_dylib_path: None,
+            threads: None,
+            max_batch: session.max_batch,
+            prefix_cache_bytes: session.prefix_cache_bytes,
+        }
+    }
 }
 
 /// A loaded model artifact: graph, tokenizer, chat template.
@@ -81,6 +99,8 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let session_options = SessionOptions {
             threads: options.threads,
+            max_batch: options.max_batch,
+            prefix_cache_bytes: options.prefix_cache_bytes,
         };
         let mut model = OnnxModel::load(dir, manifest.clone(), env, &session_options)?;
         let load_time = start.elapsed();

@@ -1,45 +1,89 @@
-//! The ONNX decoder as a [`Model`]: one ORT session, IOBinding, and a KV cache in buffers shared by past and present.
+//! The ONNX decoder as a [`Model`] (one sequence) and a [`BatchModel`] (continuous batching with a prefix cache).
+//!
+//! One ORT session; every sequence's KV state lives in buffers we own ([`KvBuffers`]), bound as both past input and
+//! present output so GroupQueryAttention appends in place: no per-token copy of the cache, no per-token allocation.
+//! A prompt is processed on its own row (batch 1); decode steps run every running row together, each with its own
+//! length in the attention mask (GroupQueryAttention derives positions from it).
 
+use super::bind::{backend, c_name, Side, ViewBinding};
+use super::kv::{KvBuffers, KvLayout, PrefixCache};
 use super::manifest::{IoNames, Manifest};
-use crate::core::{Model, ModelError, ModelInfo};
-use ort::memory::Allocator;
+use crate::core::{BatchModel, Model, ModelError, ModelInfo, SeqId};
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{IoBinding, Session};
-use ort::value::Tensor;
+use ort::session::Session;
+use std::collections::HashMap;
+use std::ffi::CString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Smallest KV allocation; later requests that need more grow it (never past the context length).
+/// Smallest KV allocation per sequence; longer sequences grow it (never past the context length).
 const MIN_KV_CAPACITY: usize = 256;
 
+/// Most KV memory the batch may reserve; a sequence that needs more waits until the batch drains.
+const KV_BUDGET_BYTES: usize = 1 << 30;
+
+/// The id of the one sequence of single-stream ([`Model`]) use; batch ids start at 1.
+const SINGLE: SeqId = 0;
+
 /// Options for building the session.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SessionOptions {
     /// Intra-op threads; `None` uses every core the process may run on.
     pub threads: Option<usize>,
+    /// Most sequences decoding together.
+    pub max_batch: usize,
+    /// Memory for finished sequences' states reused by later prompts (0 disables the prefix cache).
+    pub prefix_cache_bytes: usize,
 }
 
-/// A failure while building or running the session.
-fn backend(e: impl std::fmt::Display) -> ModelError {
-    ModelError::Backend(e.to_string())
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            threads: None,
+            max_batch: 8,
+            prefix_cache_bytes: 0,
+        }
+    }
 }
 
-/// The decoder graph plus its per-sequence state.
-pub struct OnnxModel {
-    info: ModelInfo,
-    manifest: Manifest,
-    session: Session,
-    /// Owns the bound tensors, including each layer's key and value buffers `[1, kv_heads, capacity, head_dim]`,
-    /// bound as both past input and present output so GroupQueryAttention appends in place (no per-token copy).
-    binding: IoBinding,
-    capacity: usize,
+/// Graph names as C strings, made once.
+struct Names {
+    input_ids: CString,
+    mask: CString,
+    logits: CString,
+    /// Per layer: past key, past value, present key, present value.
+    layers: Vec<[CString; 4]>,
+}
+
+/// A running sequence: its row in the KV buffers is its index in `OnnxModel::rows`.
+struct Row {
+    id: SeqId,
     len: usize,
-    logits: Tensor<f32>,
+    /// Every token fed (kept for the prefix cache only).
+    tokens: Vec<u32>,
+}
+
+/// The decoder graph plus the state of its running sequences.
+pub struct OnnxModel {
+    // Declared first so they drop before the memory they view.
+    bindings: HashMap<(usize, usize), ViewBinding>,
+    info: ModelInfo,
+    session: Session,
+    names: Names,
+    layout: KvLayout,
+    kv: KvBuffers,
+    logits: Vec<f32>,
+    ids: Vec<i64>,
+    mask: Vec<i64>,
+    rows: Vec<Row>,
+    prefix: PrefixCache,
+    max_batch: usize,
+    next_id: SeqId,
     threads: usize,
 }
 
 impl OnnxModel {
-    /// Builds the session from `DIR/<manifest.files.model>` with `env` and binds the logits and a first cache.
+    /// Builds the session from `DIR/<manifest.files.model>` with `env`.
     pub fn load(
         dir: &Path,
         manifest: Manifest,
@@ -61,34 +105,60 @@ impl OnnxModel {
             .map_err(backend)?
             .commit_from_file(&path)
             .map_err(|e| ModelError::Backend(format!("cannot load {}: {e}", path.display())))?;
-        let mut binding = session.create_binding().map_err(backend)?;
-        // The logits are bound first: ORT returns outputs in bind order.
-        let mut logits =
-            Tensor::<f32>::new(&Allocator::default(), [1usize, 1, manifest.vocab_size]).map_err(backend)?;
-        binding.bind_output(&manifest.io.logits, &mut logits).map_err(backend)?;
+        let io: &IoNames = &manifest.io;
+        let names = Names {
+            input_ids: c_name(&io.input_ids)?,
+            mask: c_name(&io.attention_mask)?,
+            logits: c_name(&io.logits)?,
+            layers: (0..manifest.layers)
+                .map(|i| {
+                    Ok([
+                        c_name(&IoNames::layer(&io.past_key, i))?,
+                        c_name(&IoNames::layer(&io.past_value, i))?,
+                        c_name(&IoNames::layer(&io.present_key, i))?,
+                        c_name(&IoNames::layer(&io.present_value, i))?,
+                    ])
+                })
+                .collect::<Result<_, ModelError>>()?,
+        };
+        let layout = KvLayout {
+            layers: manifest.layers,
+            kv_heads: manifest.kv_heads,
+            head_dim: manifest.head_dim,
+        };
+        let capacity = MIN_KV_CAPACITY.min(manifest.context_length);
         let info = ModelInfo {
             id: manifest.id.clone(),
             vocab_size: manifest.vocab_size,
             context_length: manifest.context_length,
             eos_ids: manifest.eos_ids.clone(),
         };
-        let mut model = Self {
+        Ok(Self {
+            bindings: HashMap::new(),
+            logits: vec![0.0; info.vocab_size],
+            ids: vec![0; capacity],
+            mask: vec![1; capacity],
             info,
-            manifest,
             session,
-            binding,
-            capacity: 0,
-            len: 0,
-            logits,
+            names,
+            layout,
+            kv: KvBuffers::new(layout, 1, capacity),
+            rows: Vec::new(),
+            prefix: PrefixCache::new(options.prefix_cache_bytes / std::mem::size_of::<f32>()),
+            max_batch: options.max_batch.max(1),
+            next_id: 0,
             threads,
-        };
-        model.ensure_capacity(MIN_KV_CAPACITY.min(model.manifest.context_length))?;
-        Ok(model)
+        })
     }
 
     /// Threads the session runs with.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Bytes held by the prefix cache.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefix.used() * std::mem::size_of::<f32>()
     }
 
     /// Runs a short sequence through the graph so the first real request does not pay for lazy initialisation.
@@ -97,45 +167,120 @@ impl OnnxModel {
         self.reset(8)?;
         self.forward(&[0, 0])?;
         self.forward(&[0])?;
-        self.reset(0)?;
+        self.rows.clear();
         Ok(t.elapsed())
     }
 
-    /// Makes the KV buffers hold at least `needed` tokens; reallocates (and rebinds) only to grow.
-    fn ensure_capacity(&mut self, needed: usize) -> Result<(), ModelError> {
-        if needed <= self.capacity {
+    /// Makes room for `slots` sequences of `capacity` positions, keeping the running rows; grows only.
+    fn ensure(&mut self, slots: usize, capacity: usize) -> Result<(), ModelError> {
+        if slots <= self.kv.slots() && capacity <= self.kv.capacity() {
             return Ok(());
         }
-        let m = &self.manifest;
-        let capacity = needed
-            .next_power_of_two()
-            .clamp(MIN_KV_CAPACITY, m.context_length)
-            .max(needed);
-        let shape = [1usize, m.kv_heads, capacity, m.head_dim];
-        // Unbinding drops the old buffers first, so peak memory is one cache, not two.
-        self.binding.clear();
-        self.binding
-            .bind_output(&m.io.logits, &mut self.logits)
-            .map_err(backend)?;
-        for i in 0..m.layers {
-            let mut key = Tensor::<f32>::new(&Allocator::default(), shape).map_err(backend)?;
-            let mut value = Tensor::<f32>::new(&Allocator::default(), shape).map_err(backend)?;
-            let io: &IoNames = &m.io;
-            self.binding
-                .bind_input(IoNames::layer(&io.past_key, i), &key)
-                .map_err(backend)?;
-            self.binding
-                .bind_input(IoNames::layer(&io.past_value, i), &value)
-                .map_err(backend)?;
-            self.binding
-                .bind_output(IoNames::layer(&io.present_key, i), &mut key)
-                .map_err(backend)?;
-            self.binding
-                .bind_output(IoNames::layer(&io.present_value, i), &mut value)
-                .map_err(backend)?;
+        let context = self.info.context_length;
+        if capacity > context {
+            return Err(ModelError::CapacityExceeded {
+                requested: capacity,
+                capacity: context,
+            });
         }
-        self.capacity = capacity;
+        let capacity = capacity
+            .next_power_of_two()
+            .clamp(MIN_KV_CAPACITY, context)
+            .max(capacity)
+            .max(self.kv.capacity());
+        let slots = slots.max(self.kv.slots());
+        // Bindings view the old memory: drop them before it goes.
+        self.bindings.clear();
+        let lens: Vec<usize> = self.rows.iter().map(|r| r.len).collect();
+        self.kv = if lens.is_empty() {
+            drop(std::mem::replace(&mut self.kv, KvBuffers::new(self.layout, 0, 0)));
+            KvBuffers::new(self.layout, slots, capacity)
+        } else {
+            self.kv.grown(slots, capacity, &lens)
+        };
+        self.logits.resize(slots * self.info.vocab_size, 0.0);
+        self.ids.resize(slots.max(capacity), 0);
+        self.mask.resize(slots * capacity, 0);
         Ok(())
+    }
+
+    /// Runs rows `first..first + n` on the token ids and mask already written to `ids` (`n × seq_len`) and `mask`
+    /// (`n × width`); the logits land in the same rows of `logits`.
+    fn run(&mut self, first: usize, n: usize, seq_len: usize, width: usize) -> Result<(), ModelError> {
+        if !self.bindings.contains_key(&(first, n)) {
+            let b = self.bind_rows(first, n)?;
+            self.bindings.insert((first, n), b);
+        }
+        let b = self.bindings.get_mut(&(first, n)).expect("inserted above");
+        // SAFETY: `ids` and `mask` are not resized while bound: `ensure` runs before a run writes them, and every run
+        // binds them afresh.
+        unsafe {
+            b.bind_i64_input(0, &self.names.input_ids, self.ids.as_mut_ptr(), &[n, seq_len])?;
+            b.bind_i64_input(1, &self.names.mask, self.mask.as_mut_ptr(), &[n, width])?;
+        }
+        b.run(&mut self.session)
+    }
+
+    /// A binding of rows `first..first + n` of every KV buffer (past and present) and of the logits.
+    fn bind_rows(&mut self, first: usize, n: usize) -> Result<ViewBinding, ModelError> {
+        let mut b = ViewBinding::new(&self.session)?;
+        let shape = [n, self.layout.kv_heads, self.kv.capacity(), self.layout.head_dim];
+        let vocab = self.info.vocab_size;
+        // SAFETY: the views cover rows that exist (`slot_ptr` checks), and `ensure` drops every binding before it
+        // replaces the buffers; `logits` is resized only there too.
+        unsafe {
+            b.bind_f32(
+                &self.names.logits,
+                self.logits[first * vocab..].as_mut_ptr(),
+                &[n, 1, vocab],
+                Side::Output,
+            )?;
+            for (layer, [pk, pv, k, v]) in self.names.layers.iter().enumerate() {
+                let key = self.kv.slot_ptr(2 * layer, first);
+                let value = self.kv.slot_ptr(2 * layer + 1, first);
+                b.bind_f32(pk, key, &shape, Side::Input)?;
+                b.bind_f32(pv, value, &shape, Side::Input)?;
+                b.bind_f32(k, key, &shape, Side::Output)?;
+                b.bind_f32(v, value, &shape, Side::Output)?;
+            }
+        }
+        Ok(b)
+    }
+
+    /// Appends `tokens` to row `r` (one batch-1 run) and leaves its next-token logits in row `r` of `logits`.
+    fn extend_row(&mut self, r: usize, tokens: &[u32]) -> Result<(), ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidInput("forward needs at least one token".into()));
+        }
+        let vocab = self.info.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        let total = self.rows[r].len + tokens.len();
+        if total > self.kv.capacity() {
+            return Err(ModelError::CapacityExceeded {
+                requested: total,
+                capacity: self.kv.capacity(),
+            });
+        }
+        for (slot, &t) in self.ids.iter_mut().zip(tokens) {
+            *slot = i64::from(t);
+        }
+        self.mask[..total].fill(1);
+        self.run(r, 1, tokens.len(), total)?;
+        self.rows[r].len = total;
+        Ok(())
+    }
+
+    fn row_of(&self, id: SeqId) -> Option<usize> {
+        self.rows.iter().position(|r| r.id == id)
+    }
+
+    /// KV bytes a batch of `slots` sequences of `capacity` positions reserves.
+    fn kv_bytes(&self, slots: usize, capacity: usize) -> usize {
+        slots * capacity * self.layout.floats_per_token() * std::mem::size_of::<f32>()
     }
 }
 
@@ -144,43 +289,152 @@ impl Model for OnnxModel {
         &self.info
     }
 
+    /// Starts the one sequence of single-stream use (any batch rows are dropped).
     fn reset(&mut self, capacity: usize) -> Result<(), ModelError> {
-        if capacity > self.manifest.context_length {
-            return Err(ModelError::CapacityExceeded {
-                requested: capacity,
-                capacity: self.manifest.context_length,
-            });
-        }
-        self.ensure_capacity(capacity)?;
-        self.len = 0;
+        self.rows.clear();
+        self.ensure(1, capacity.max(1))?;
+        self.rows.push(Row {
+            id: SINGLE,
+            len: 0,
+            tokens: Vec::new(),
+        });
         Ok(())
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], ModelError> {
-        if tokens.is_empty() {
-            return Err(ModelError::InvalidInput("forward needs at least one token".into()));
+        if self.rows.is_empty() {
+            return Err(ModelError::InvalidInput("forward before reset".into()));
         }
-        let total = self.len + tokens.len();
-        if total > self.capacity {
+        self.extend_row(0, tokens)?;
+        Ok(&self.logits[..self.info.vocab_size])
+    }
+}
+
+impl BatchModel for OnnxModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn has_room(&self, capacity: usize) -> bool {
+        if self.rows.iter().all(|r| r.id == SINGLE) {
+            return true;
+        }
+        let slots = self.max_batch.max(self.rows.len() + 1);
+        let capacity = capacity.next_power_of_two().max(self.kv.capacity());
+        self.rows.len() < self.max_batch && self.kv_bytes(slots, capacity) <= KV_BUDGET_BYTES
+    }
+
+    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError> {
+        if prompt.len() > capacity {
             return Err(ModelError::CapacityExceeded {
-                requested: total,
-                capacity: self.capacity,
+                requested: prompt.len(),
+                capacity,
             });
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
+        // A lone sequence keeps one row; once several run, room for the whole batch is reserved at once (untouched
+        // pages cost nothing) so joining later needs no copy.
+        if self.rows.first().is_some_and(|r| r.id == SINGLE) {
+            self.rows.clear(); // what single-stream use left behind
+        }
+        let slots = if self.rows.is_empty() {
+            1
+        } else {
+            self.max_batch.max(self.rows.len() + 1)
+        };
+        self.ensure(slots, capacity)?;
+        let r = self.rows.len();
+        self.next_id += 1;
+        let id = self.next_id;
+        let cached = match self.prefix.lookup(prompt) {
+            Some((state, len)) => {
+                self.kv.load(r, state, len);
+                len
+            }
+            None => 0,
+        };
+        self.rows.push(Row {
+            id,
+            len: cached,
+            tokens: if self.prefix.enabled() {
+                prompt.to_vec()
+            } else {
+                Vec::new()
+            },
+        });
+        if let Err(e) = self.extend_row(r, &prompt[cached..]) {
+            self.rows.pop();
+            return Err(e);
+        }
+        Ok((id, cached))
+    }
+
+    fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
+        let n = self.rows.len();
+        if feeds.len() != n {
             return Err(ModelError::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary"
+                "a step feeds every running sequence: {} fed, {n} running",
+                feeds.len()
             )));
         }
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let input_ids = Tensor::from_array(([1usize, ids.len()], ids)).map_err(backend)?;
-        let mask = Tensor::from_array(([1usize, total], vec![1i64; total])).map_err(backend)?;
-        let io = &self.manifest.io;
-        self.binding.bind_input(&io.input_ids, &input_ids).map_err(backend)?;
-        self.binding.bind_input(&io.attention_mask, &mask).map_err(backend)?;
-        self.session.run_binding(&self.binding).map_err(backend)?;
-        self.len = total;
-        let (_, data) = self.logits.extract_tensor();
-        Ok(data)
+        let width = self.rows.iter().map(|r| r.len).max().unwrap_or(0) + 1;
+        if width > self.kv.capacity() {
+            return Err(ModelError::CapacityExceeded {
+                requested: width,
+                capacity: self.kv.capacity(),
+            });
+        }
+        for (r, row) in self.rows.iter().enumerate() {
+            let tok = feeds
+                .iter()
+                .find(|(id, _)| *id == row.id)
+                .map(|&(_, t)| t)
+                .ok_or_else(|| ModelError::InvalidInput(format!("sequence {} was not fed", row.id)))?;
+            if tok as usize >= self.info.vocab_size {
+                return Err(ModelError::InvalidInput(format!(
+                    "token id {tok} is outside the vocabulary"
+                )));
+            }
+            self.ids[r] = i64::from(tok);
+            let mask = &mut self.mask[r * width..(r + 1) * width];
+            mask[..=row.len].fill(1);
+            mask[row.len + 1..].fill(0);
+        }
+        self.run(0, n, 1, width)?;
+        let keep_tokens = self.prefix.enabled();
+        for row in &mut self.rows {
+            row.len += 1;
+            if keep_tokens {
+                let tok = feeds.iter().find(|(id, _)| *id == row.id).map(|&(_, t)| t);
+                row.tokens.extend(tok);
+            }
+        }
+        Ok(())
+    }
+
+    fn logits(&self, id: SeqId) -> &[f32] {
+        let vocab = self.info.vocab_size;
+        match self.row_of(id) {
+            Some(r) => &self.logits[r * vocab..(r + 1) * vocab],
+            None => &[],
+        }
+    }
+
+    fn finish(&mut self, id: SeqId) {
+        let Some(r) = self.row_of(id) else { return };
+        if self.prefix.enabled() {
+            let row = &self.rows[r];
+            let len = row.len.min(row.tokens.len());
+            let state = self.kv.save(r, len);
+            let tokens = row.tokens[..len].to_vec();
+            self.prefix.insert(tokens, state);
+        }
+        let last = self.rows.len() - 1;
+        if r != last {
+            // Keep the running rows contiguous: the last one moves into the gap.
+            self.kv.copy_slot(last, r, self.rows[last].len);
+            let vocab = self.info.vocab_size;
+            self.logits.copy_within(last * vocab..(last + 1) * vocab, r * vocab);
+        }
+        self.rows.swap_remove(r);
     }
 }

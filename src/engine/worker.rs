@@ -1,17 +1,21 @@
-//! The model on its own thread behind a bounded FIFO queue: async handlers submit jobs and receive events.
+//! The model on its own thread behind a bounded FIFO queue, decoding many requests together (continuous batching).
 //!
-//! Generation is CPU-bound and `Session::run` takes `&mut self`, so one thread owns the model and serves jobs in
-//! arrival order (fair: nobody starves). A full queue is refused at once so callers can answer 429/503 with
-//! `Retry-After` instead of piling up. A job whose receiver is gone (client disconnected) stops at the next token.
+//! Generation is CPU-bound and `Session::run` takes `&mut self`, so one thread owns the model. Jobs wait in arrival
+//! order (nobody starves) and join the running batch between decode steps, as long as the batch has a free place and
+//! the model has memory; a full queue is refused at once so callers can answer 503 with `Retry-After` instead of
+//! piling up. Events go out on unbounded channels so a slow reader never stalls the batch; a job whose receiver is
+//! gone (client disconnected) stops at its next token, and one still waiting is dropped unstarted.
 
-use crate::core::{generate, Delta, Generation, GenerationRequest, Model, ModelError, TokenDecoder};
+use crate::core::{BatchModel, Batcher, Delta, Generation, GenerationRequest, Listener, ModelError, TokenDecoder};
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// What a job reports back, in order: per choice any number of `Delta`s, then `Done` or `Failed`.
+/// What a job reports back: `Started`, then per choice any number of `Delta`s and then `Done` or `Failed`; the
+/// choices of one job run side by side, so their events interleave.
 #[derive(Debug)]
 pub enum JobEvent {
     /// The model picked the job up (the prompt is being processed).
@@ -30,7 +34,7 @@ pub enum JobEvent {
         /// The full result.
         generation: Generation,
     },
-    /// Choice `choice` failed; the job goes on with the next choice only if the caller is still listening.
+    /// Choice `choice` failed.
     Failed {
         /// Index of the generation within the job.
         choice: usize,
@@ -38,6 +42,9 @@ pub enum JobEvent {
         error: ModelError,
     },
 }
+
+/// The receiving end of a job's events.
+pub type JobEvents = mpsc::UnboundedReceiver<JobEvent>;
 
 /// The queue is full; retry later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -49,40 +56,65 @@ pub struct QueueFull {
 
 struct Job {
     requests: Vec<GenerationRequest>,
-    events: mpsc::Sender<JobEvent>,
+    events: mpsc::UnboundedSender<JobEvent>,
+}
+
+/// One choice of a job waiting for a place in the batch.
+struct Waiting {
+    choice: usize,
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<JobEvent>,
+}
+
+/// Sends one choice's output to its job's channel.
+struct ChoiceListener {
+    choice: usize,
+    events: mpsc::UnboundedSender<JobEvent>,
+}
+
+impl Listener for ChoiceListener {
+    fn delta(&mut self, delta: Delta) -> ControlFlow<()> {
+        let choice = self.choice;
+        match self.events.send(JobEvent::Delta { choice, delta }) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    fn done(self: Box<Self>, result: Result<Generation, ModelError>) {
+        let choice = self.choice;
+        let _ = self.events.send(match result {
+            Ok(generation) => JobEvent::Done { choice, generation },
+            Err(error) => JobEvent::Failed { choice, error },
+        });
+    }
 }
 
 /// Handle to the model thread; cheap to clone.
 #[derive(Clone)]
 pub struct Worker {
-    tx: SyncSender<Job>,
+    tx: Sender<Job>,
     queued: Arc<AtomicUsize>,
     capacity: usize,
     alive: Arc<AtomicBool>,
 }
 
-/// Events buffered per job before the model thread waits for a slow reader.
-const EVENT_BUFFER: usize = 64;
-
 impl Worker {
-    /// Starts the model thread; at most `capacity` jobs wait behind the running one.
-    pub fn spawn<M, D>(mut model: M, decoder: D, capacity: usize) -> Self
+    /// Starts the model thread: at most `capacity` jobs wait, at most `max_batch` sequences decode together.
+    pub fn spawn<M, D>(model: M, decoder: D, capacity: usize, max_batch: usize) -> Self
     where
-        M: Model + Send + 'static,
+        M: BatchModel + Send + 'static,
         D: TokenDecoder + Send + 'static,
     {
         let capacity = capacity.max(1);
-        let (tx, rx) = sync_channel::<Job>(capacity);
+        let (tx, rx) = channel::<Job>();
         let queued = Arc::new(AtomicUsize::new(0));
         let alive = Arc::new(AtomicBool::new(true));
         let (q, a) = (queued.clone(), alive.clone());
         std::thread::Builder::new()
             .name("model".into())
             .spawn(move || {
-                for job in rx {
-                    q.fetch_sub(1, Ordering::SeqCst);
-                    run_job(&mut model, &decoder, job);
-                }
+                serve(Batcher::new(model, decoder, max_batch), &rx, &q);
                 a.store(false, Ordering::SeqCst);
             })
             .expect("the OS refused to start the model thread");
@@ -94,22 +126,24 @@ impl Worker {
         }
     }
 
-    /// Queues `requests` (run back to back as one job); events arrive on the returned receiver.
-    pub fn submit(&self, requests: Vec<GenerationRequest>) -> Result<mpsc::Receiver<JobEvent>, QueueFull> {
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(Job { requests, events }) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(QueueFull {
-                    capacity: self.capacity,
-                })
-            }
+    /// Queues `requests` (the choices of one job); events arrive on the returned receiver.
+    pub fn submit(&self, requests: Vec<GenerationRequest>) -> Result<JobEvents, QueueFull> {
+        let full = QueueFull {
+            capacity: self.capacity,
+        };
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(full);
         }
+        let (events, rx) = mpsc::unbounded_channel();
+        if self.tx.send(Job { requests, events }).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(full);
+        }
+        Ok(rx)
     }
 
-    /// Jobs waiting (not counting the running one).
+    /// Jobs waiting (not counting running ones).
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
     }
@@ -120,44 +154,103 @@ impl Worker {
     }
 }
 
-fn run_job<M: Model, D: TokenDecoder>(model: &mut M, decoder: &D, job: Job) {
-    let Job { requests, events } = job;
-    if events.blocking_send(JobEvent::Started).is_err() {
-        return; // the caller left while the job was queued
-    }
-    for (choice, req) in requests.iter().enumerate() {
-        let mut sink = |delta: Delta| match events.blocking_send(JobEvent::Delta { choice, delta }) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        };
-        let event = match generate(model, decoder, req, &mut sink) {
-            Ok(generation) => JobEvent::Done { choice, generation },
-            Err(error) => JobEvent::Failed { choice, error },
-        };
-        if events.blocking_send(event).is_err() {
+/// The model thread: take jobs, let waiting choices join the batch in order, step the batch; until every sender is
+/// gone and the work is done.
+fn serve<M: BatchModel, D: TokenDecoder>(mut batcher: Batcher<M, D>, rx: &Receiver<Job>, queued: &AtomicUsize) {
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut open = true;
+    loop {
+        if open && batcher.running() == 0 && waiting.is_empty() {
+            match rx.recv() {
+                Ok(job) => enqueue(&mut waiting, job, queued),
+                Err(_) => open = false,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            enqueue(&mut waiting, job, queued);
+        }
+        while let Some(next) = waiting.front() {
+            if next.events.is_closed() {
+                // The caller left while waiting: drop the job unstarted.
+                if next.choice == 0 {
+                    queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                waiting.pop_front();
+                continue;
+            }
+            if !batcher.has_room(&next.request) {
+                break;
+            }
+            let Waiting {
+                choice,
+                request,
+                events,
+            } = waiting.pop_front().expect("front exists");
+            if choice == 0 {
+                queued.fetch_sub(1, Ordering::SeqCst);
+                let _ = events.send(JobEvent::Started);
+            }
+            batcher.start(request, Box::new(ChoiceListener { choice, events }));
+        }
+        if batcher.running() == 0 && waiting.is_empty() && !open {
             return;
         }
+        batcher.step();
+    }
+}
+
+fn enqueue(waiting: &mut VecDeque<Waiting>, job: Job, queued: &AtomicUsize) {
+    if job.requests.is_empty() {
+        queued.fetch_sub(1, Ordering::SeqCst); // nothing to run: the receiver just sees the end
+        return;
+    }
+    for (choice, request) in job.requests.into_iter().enumerate() {
+        waiting.push_back(Waiting {
+            choice,
+            request,
+            events: job.events.clone(),
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{ModelInfo, SamplingParams};
+    use crate::core::{ModelInfo, SamplingParams, SeqId};
+    use std::time::Duration;
 
-    /// Emits token 1 ("a") forever, slowly enough for queue tests; id 0 is EOS.
-    struct Slow(ModelInfo, Vec<f32>, std::time::Duration);
+    /// Emits token 1 ("a") forever, slowly enough for queue tests; id 0 is EOS. Records the largest batch.
+    struct Slow {
+        info: ModelInfo,
+        logits: Vec<f32>,
+        delay: Duration,
+        running: Vec<SeqId>,
+        next: SeqId,
+        widest: Arc<AtomicUsize>,
+    }
 
-    impl Model for Slow {
+    impl BatchModel for Slow {
         fn info(&self) -> &ModelInfo {
-            &self.0
+            &self.info
         }
-        fn reset(&mut self, _: usize) -> Result<(), ModelError> {
+        fn has_room(&self, _: usize) -> bool {
+            true
+        }
+        fn start(&mut self, _: &[u32], _: usize) -> Result<(SeqId, usize), ModelError> {
+            self.next += 1;
+            self.running.push(self.next);
+            Ok((self.next, 0))
+        }
+        fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
+            self.widest.fetch_max(feeds.len(), Ordering::SeqCst);
+            std::thread::sleep(self.delay);
             Ok(())
         }
-        fn forward(&mut self, _: &[u32]) -> Result<&[f32], ModelError> {
-            std::thread::sleep(self.2);
-            Ok(&self.1)
+        fn logits(&self, _: SeqId) -> &[f32] {
+            &self.logits
+        }
+        fn finish(&mut self, id: SeqId) {
+            self.running.retain(|&r| r != id);
         }
     }
 
@@ -168,26 +261,32 @@ mod tests {
         }
     }
 
-    fn slow(ms: u64) -> Slow {
+    fn slow(ms: u64) -> (Slow, Arc<AtomicUsize>) {
+        let widest = Arc::new(AtomicUsize::new(0));
         let info = ModelInfo {
             id: "slow".into(),
             vocab_size: 2,
             context_length: 1000,
             eos_ids: vec![0],
         };
-        Slow(info, vec![0.0, 1.0], std::time::Duration::from_millis(ms))
+        let model = Slow {
+            info,
+            logits: vec![0.0, 1.0],
+            delay: Duration::from_millis(ms),
+            running: Vec::new(),
+            next: 0,
+            widest: widest.clone(),
+        };
+        (model, widest)
     }
 
     fn req(n: usize) -> GenerationRequest {
         GenerationRequest::new(vec![1], n, SamplingParams::greedy())
     }
 
-    #[tokio::test]
-    async fn a_job_streams_deltas_then_done_for_each_choice() {
-        let w = Worker::spawn(slow(0), Letters, 4);
-        let mut rx = w.submit(vec![req(3), req(2)]).unwrap();
+    async fn texts(rx: &mut JobEvents, choices: usize) -> Vec<String> {
         assert!(matches!(rx.recv().await, Some(JobEvent::Started)));
-        let mut texts = vec![String::new(), String::new()];
+        let mut texts = vec![String::new(); choices];
         let mut done = 0;
         while let Some(ev) = rx.recv().await {
             match ev {
@@ -199,13 +298,33 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert_eq!(texts, vec!["aaa", "aa"]);
-        assert_eq!(done, 2);
+        assert_eq!(done, choices);
+        texts
+    }
+
+    #[tokio::test]
+    async fn a_job_streams_deltas_then_done_for_each_choice() {
+        let (model, _) = slow(0);
+        let w = Worker::spawn(model, Letters, 4, 8);
+        let mut rx = w.submit(vec![req(3), req(2)]).unwrap();
+        assert_eq!(texts(&mut rx, 2).await, vec!["aaa", "aa"]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_jobs_decode_in_one_batch() {
+        let (model, widest) = slow(2);
+        let w = Worker::spawn(model, Letters, 8, 4);
+        let mut jobs: Vec<_> = (0..3).map(|_| w.submit(vec![req(30)]).unwrap()).collect();
+        for rx in &mut jobs {
+            assert_eq!(texts(rx, 1).await, vec!["a".repeat(30)]);
+        }
+        assert_eq!(widest.load(Ordering::SeqCst), 3, "the three jobs shared steps");
     }
 
     #[tokio::test]
     async fn a_full_queue_is_refused_and_a_dropped_receiver_cancels() {
-        let w = Worker::spawn(slow(20), Letters, 1);
+        let (model, _) = slow(20);
+        let w = Worker::spawn(model, Letters, 1, 1);
         let running = w.submit(vec![req(1000)]).unwrap();
         // Wait until the model thread has taken the first job, so exactly one can wait.
         while w.queued() > 0 {
@@ -222,5 +341,6 @@ mod tests {
         }
         assert!(finished);
         assert!(w.is_alive());
+        assert_eq!(w.queued(), 0);
     }
 }

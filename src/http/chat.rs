@@ -125,7 +125,7 @@ pub async fn create(
         model: base.model,
         system_fingerprint: base.fingerprint,
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens),
+        usage: Usage::new(prompt_tokens, completion_tokens).with_cached(params::cached_tokens(&generations, n)),
     };
     let mut resp = Json(body).into_response();
     resp.extensions_mut().insert(Tokens {

@@ -127,7 +127,9 @@ pub async fn create(
         model: base.model,
         system_fingerprint: base.fingerprint,
         choices,
-        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+        usage: Some(
+            Usage::new(prompt_tokens, completion_tokens).with_cached(params::cached_tokens(&generations, best_of)),
+        ),
     };
     let mut resp = Json(body).into_response();
     resp.extensions_mut().insert(Tokens {

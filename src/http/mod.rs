@@ -117,7 +117,7 @@ impl AppState {
             vocab_size: m.vocab_size,
             fingerprint,
         };
-        let worker = Worker::spawn(engine.model, engine.tokenizer, config.max_queue);
+        let worker = Worker::spawn(engine.model, engine.tokenizer, config.max_queue, config.max_batch);
         Self {
             model: Arc::new(model),
             worker,

@@ -3,11 +3,10 @@
 use super::error::ApiError;
 use super::{AppState, Deadline};
 use crate::core::{validate::check_context, Generation, GenerationRequest, SamplingParams};
-use crate::engine::worker::{JobEvent, QueueFull};
+use crate::engine::worker::{JobEvent, JobEvents, QueueFull};
 use crate::keys::{AuthError, AuthorizedKey};
 use crate::openai::Stop;
 use std::time::Instant;
-use tokio::sync::mpsc;
 
 /// The requested model name, checked to exist and to be allowed for `key`.
 pub fn resolve_model(state: &AppState, requested: Option<&str>, key: &AuthorizedKey) -> Result<String, ApiError> {
@@ -112,7 +111,7 @@ impl Plan {
 }
 
 /// Queues a job; a full queue is 503 with `Retry-After`.
-pub fn submit(state: &AppState, requests: Vec<GenerationRequest>) -> Result<mpsc::Receiver<JobEvent>, ApiError> {
+pub fn submit(state: &AppState, requests: Vec<GenerationRequest>) -> Result<JobEvents, ApiError> {
     state.worker.submit(requests).map_err(|QueueFull { capacity }| {
         ApiError::unavailable(
             format!("The server is busy ({capacity} requests are waiting); retry shortly."),
@@ -122,11 +121,7 @@ pub fn submit(state: &AppState, requests: Vec<GenerationRequest>) -> Result<mpsc
 }
 
 /// Waits for every choice of a job (non-streamed responses).
-pub async fn collect(
-    state: &AppState,
-    mut rx: mpsc::Receiver<JobEvent>,
-    choices: usize,
-) -> Result<Vec<Generation>, ApiError> {
+pub async fn collect(state: &AppState, mut rx: JobEvents, choices: usize) -> Result<Vec<Generation>, ApiError> {
     let mut out: Vec<Option<Generation>> = vec![None; choices];
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -143,6 +138,14 @@ pub async fn collect(
     out.into_iter()
         .map(|g| g.ok_or_else(|| ApiError::internal("The model stopped before finishing the request.")))
         .collect()
+}
+
+/// Prompt tokens served from the prefix cache: per prompt, the most any of its choices reused.
+pub fn cached_tokens(generations: &[Generation], per_prompt: usize) -> usize {
+    generations
+        .chunks(per_prompt.max(1))
+        .map(|c| c.iter().map(|g| g.usage.cached_tokens).max().unwrap_or(0))
+        .sum()
 }
 
 /// Fields every response and stream chunk of one request repeats.

@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::params::charge;
 use super::AppState;
 use crate::core::{Delta, Generation};
-use crate::engine::worker::JobEvent;
+use crate::engine::worker::{JobEvent, JobEvents};
 use crate::keys::AuthorizedKey;
 use crate::openai::Usage;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -44,7 +44,7 @@ pub struct StreamPlan {
 pub fn respond<F: ChunkFormat>(
     state: AppState,
     key: AuthorizedKey,
-    mut jobs: mpsc::Receiver<JobEvent>,
+    mut jobs: JobEvents,
     mut format: F,
     plan: StreamPlan,
 ) -> Response {
@@ -55,6 +55,7 @@ pub fn respond<F: ChunkFormat>(
     tokio::spawn(async move {
         let mut started = Vec::new();
         let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
+        let mut cached = std::collections::BTreeMap::<usize, usize>::new(); // prompt index → cached tokens
         let mut failed = None;
         'events: while let Some(ev) = jobs.recv().await {
             let mut out = Vec::new();
@@ -72,9 +73,12 @@ pub fn respond<F: ChunkFormat>(
                         started.push(choice);
                         out.extend(format.start(choice));
                     }
-                    if choice % plan.per_prompt.max(1) == 0 {
+                    let per_prompt = plan.per_prompt.max(1);
+                    if choice % per_prompt == 0 {
                         prompt_tokens += generation.usage.prompt_tokens;
                     }
+                    let c = cached.entry(choice / per_prompt).or_default();
+                    *c = (*c).max(generation.usage.cached_tokens);
                     completion_tokens += generation.usage.completion_tokens;
                     counts.prompt.store(prompt_tokens, Ordering::Relaxed);
                     counts.completion.store(completion_tokens, Ordering::Relaxed);
@@ -97,7 +101,9 @@ pub fn respond<F: ChunkFormat>(
         let mut tail = Vec::new();
         match failed {
             Some(e) => tail.push(e.sse_data()),
-            None if plan.include_usage => tail.push(format.usage(Usage::new(prompt_tokens, completion_tokens))),
+            None if plan.include_usage => {
+                tail.push(format.usage(Usage::new(prompt_tokens, completion_tokens).with_cached(cached.values().sum())))
+            }
             None => {}
         }
         tail.push("[DONE]".to_owned());

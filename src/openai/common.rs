@@ -64,6 +64,14 @@ impl Usage {
             prompt_tokens_details: None,
         }
     }
+
+    /// The same usage reporting `cached` prompt tokens served from the prefix cache.
+    pub fn with_cached(mut self, cached: usize) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
+        });
+        self
+    }
 }
 
 /// The body of every error response: `{"error": {...}}`.
@@ -123,6 +131,11 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&u).unwrap(),
             json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+        );
+        assert_eq!(
+            serde_json::to_value(u.with_cached(2)).unwrap(),
+            json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                   "prompt_tokens_details": {"cached_tokens": 2}})
         );
     }
 }

@@ -1,0 +1,249 @@
+//! Continuous batching: running sequences decode together, one batched model step per token; a sequence joins
+//! (prompt processed on its own) and leaves between steps, so nobody waits for a whole other generation.
+
+use super::generate::{Delta, Generation, GenerationRequest};
+use super::model::{Model, ModelError, ModelInfo, TokenDecoder};
+use super::sequence::Sequence;
+use std::ops::ControlFlow;
+
+/// Identifies a sequence inside a [`BatchModel`].
+pub type SeqId = u64;
+
+/// A causal language model holding the state (KV cache) of several sequences at once.
+pub trait BatchModel {
+    /// Static facts about the model.
+    fn info(&self) -> &ModelInfo;
+
+    /// Whether a sequence of up to `capacity` tokens can start now beside the running ones (memory permitting).
+    fn has_room(&self, capacity: usize) -> bool;
+
+    /// Starts a sequence of at most `capacity` tokens and processes `prompt`, reusing the state of a cached prefix
+    /// when the model holds one. Returns the new id and how many prompt tokens came from the cache; the next-token
+    /// logits are then at [`BatchModel::logits`].
+    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError>;
+
+    /// Appends one token to each listed sequence, all in one batched step.
+    fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError>;
+
+    /// The next-token logits of `id` after its last `start` or `step`.
+    fn logits(&self, id: SeqId) -> &[f32];
+
+    /// Ends `id` and frees its room (its state may be kept as a cached prefix).
+    fn finish(&mut self, id: SeqId);
+}
+
+impl<M: BatchModel + ?Sized> BatchModel for &mut M {
+    fn info(&self) -> &ModelInfo {
+        (**self).info()
+    }
+    fn has_room(&self, capacity: usize) -> bool {
+        (**self).has_room(capacity)
+    }
+    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError> {
+        (**self).start(prompt, capacity)
+    }
+    fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
+        (**self).step(feeds)
+    }
+    fn logits(&self, id: SeqId) -> &[f32] {
+        (**self).logits(id)
+    }
+    fn finish(&mut self, id: SeqId) {
+        (**self).finish(id)
+    }
+}
+
+/// Receives one generation's output.
+pub trait Listener: Send {
+    /// New text; `Break` means nobody listens any more (the generation is cancelled).
+    fn delta(&mut self, delta: Delta) -> ControlFlow<()>;
+    /// The end: the generation or why it failed.
+    fn done(self: Box<Self>, result: Result<Generation, ModelError>);
+}
+
+/// A sequence that finished during a step, waiting for the model to forget it and its listener to hear.
+type Ended = (SeqId, Box<dyn Listener>, Result<Generation, ModelError>);
+
+struct Running {
+    id: SeqId,
+    seq: Sequence,
+    listener: Box<dyn Listener>,
+    next: u32,
+}
+
+/// Drives the sequences of a [`BatchModel`]: start them, step them together, hand results to their listeners.
+pub struct Batcher<M, D> {
+    model: M,
+    decoder: D,
+    max_batch: usize,
+    running: Vec<Running>,
+    feeds: Vec<(SeqId, u32)>,
+}
+
+impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
+    /// At most `max_batch` sequences decode together.
+    pub fn new(model: M, decoder: D, max_batch: usize) -> Self {
+        Self {
+            model,
+            decoder,
+            max_batch: max_batch.max(1),
+            running: Vec::new(),
+            feeds: Vec::new(),
+        }
+    }
+
+    /// Sequences decoding now.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether `req` can start now (a free place in the batch and room in the model).
+    pub fn has_room(&self, req: &GenerationRequest) -> bool {
+        let context = self.model.info().context_length;
+        let capacity = (req.prompt.len() + req.max_tokens).min(context);
+        self.running.is_empty() || (self.running.len() < self.max_batch && self.model.has_room(capacity))
+    }
+
+    /// Starts `req`: validates it, processes its prompt and picks its first token. Failures go to `listener`.
+    pub fn start(&mut self, req: GenerationRequest, mut listener: Box<dyn Listener>) {
+        let mut seq = match Sequence::new(req, self.model.info()) {
+            Ok(seq) => seq,
+            Err(e) => return listener.done(Err(e)),
+        };
+        let (id, cached) = match self.model.start(seq.prompt(), seq.capacity()) {
+            Ok(started) => started,
+            Err(e) => return listener.done(Err(e)),
+        };
+        seq.prefilled(cached);
+        let step = seq.advance(self.model.logits(id), &self.decoder, &mut |d| listener.delta(d));
+        let mut ended = Vec::new();
+        self.settle(id, seq, listener, step, &mut ended);
+        self.end(ended);
+    }
+
+    /// One batched decode step for every running sequence; finished ones leave the batch.
+    pub fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        self.feeds.clear();
+        self.feeds.extend(self.running.iter().map(|r| (r.id, r.next)));
+        if let Err(e) = self.model.step(&self.feeds) {
+            let message = e.to_string();
+            for r in std::mem::take(&mut self.running) {
+                self.model.finish(r.id);
+                r.listener.done(Err(ModelError::Backend(message.clone())));
+            }
+            return;
+        }
+        let mut ended = Vec::new();
+        for mut r in std::mem::take(&mut self.running) {
+            let step = r
+                .seq
+                .advance(self.model.logits(r.id), &self.decoder, &mut |d| r.listener.delta(d));
+            self.settle(r.id, r.seq, r.listener, step, &mut ended);
+        }
+        self.end(ended);
+    }
+
+    /// Keeps a sequence that goes on, or finishes it; the model forgets finished ones only after every logits read.
+    fn settle(
+        &mut self,
+        id: SeqId,
+        seq: Sequence,
+        mut listener: Box<dyn Listener>,
+        step: Result<Option<u32>, ModelError>,
+        ended: &mut Vec<Ended>,
+    ) {
+        match step {
+            Ok(Some(next)) => self.running.push(Running {
+                id,
+                seq,
+                listener,
+                next,
+            }),
+            Ok(None) => {
+                let result = seq.finish(&self.decoder, &mut |d| listener.delta(d));
+                ended.push((id, listener, result));
+            }
+            Err(e) => ended.push((id, listener, Err(e))),
+        }
+    }
+
+    fn end(&mut self, ended: Vec<Ended>) {
+        for (id, listener, result) in ended {
+            self.model.finish(id);
+            listener.done(result);
+        }
+    }
+}
+
+/// A [`BatchModel`] over a single-sequence [`Model`]: one sequence at a time (for models that cannot batch).
+pub struct OneAtATime<M> {
+    model: M,
+    current: Option<SeqId>,
+    next: SeqId,
+    logits: Vec<f32>,
+}
+
+impl<M: Model> OneAtATime<M> {
+    /// Wraps `model`.
+    pub fn new(model: M) -> Self {
+        Self {
+            model,
+            current: None,
+            next: 0,
+            logits: Vec::new(),
+        }
+    }
+
+    fn keep(&mut self, result: Result<(), ModelError>) -> Result<(), ModelError> {
+        if result.is_err() {
+            self.current = None;
+        }
+        result
+    }
+}
+
+impl<M: Model> BatchModel for OneAtATime<M> {
+    fn info(&self) -> &ModelInfo {
+        self.model.info()
+    }
+    fn has_room(&self, _: usize) -> bool {
+        self.current.is_none()
+    }
+    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError> {
+        self.next += 1;
+        self.current = Some(self.next);
+        let r = self.model.reset(capacity).and_then(|()| {
+            let logits = self.model.forward(prompt)?;
+            self.logits.clear();
+            self.logits.extend_from_slice(logits);
+            Ok(())
+        });
+        self.keep(r)?;
+        Ok((self.next, 0))
+    }
+    fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
+        let r = match feeds {
+            [(id, tok)] if Some(*id) == self.current => self.model.forward(&[*tok]).map(|logits| {
+                self.logits.clear();
+                self.logits.extend_from_slice(logits);
+            }),
+            _ => Err(ModelError::InvalidInput("one sequence at a time".into())),
+        };
+        self.keep(r)
+    }
+    fn logits(&self, _: SeqId) -> &[f32] {
+        &self.logits
+    }
+    fn finish(&mut self, id: SeqId) {
+        if self.current == Some(id) {
+            self.current = None;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "batch_tests.rs"]
+mod tests;

@@ -1,0 +1,183 @@
+//! Continuous batching and the prefix cache on the real model: every batched or prefix-cached greedy generation is
+//! token-identical to the same request run alone.
+
+use lambda_llm::core::{generate, Batcher, Delta, Generation, GenerationRequest, Listener, ModelError, SamplingParams};
+use lambda_llm::engine::{ChatMessage, Engine, EngineOptions};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+fn load(prefix_cache_bytes: usize) -> Engine {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("model-artifacts/smollm2-135m-instruct");
+    let options = EngineOptions {
+        prefix_cache_bytes,
+        ..EngineOptions::default()
+    };
+    Engine::load(&dir, &options).unwrap_or_else(|e| panic!("cannot load {} (run `make setup`): {e}", dir.display()))
+}
+
+fn chat(engine: &Engine, turns: &[(&str, &str)]) -> Vec<u32> {
+    let messages: Vec<ChatMessage> = turns.iter().map(|&(role, text)| ChatMessage::new(role, text)).collect();
+    engine.chat_prompt(&messages).unwrap()
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest::new(prompt, max_tokens, SamplingParams::greedy())
+}
+
+/// The request run alone through the single-sequence path (no batch, no prefix cache).
+fn alone(engine: &mut Engine, req: &GenerationRequest) -> Generation {
+    let Engine { model, tokenizer, .. } = engine;
+    generate(model, tokenizer, req, &mut |_| ControlFlow::Continue(())).expect("generation")
+}
+
+type Results = Arc<Mutex<Vec<(usize, Generation, String)>>>;
+
+struct Collect(usize, String, Results);
+
+impl Listener for Collect {
+    fn delta(&mut self, delta: Delta) -> ControlFlow<()> {
+        self.1.push_str(&delta.text);
+        ControlFlow::Continue(())
+    }
+    fn done(self: Box<Self>, result: Result<Generation, ModelError>) {
+        self.2
+            .lock()
+            .unwrap()
+            .push((self.0, result.expect("generation"), self.1));
+    }
+}
+
+fn prompts(engine: &Engine) -> Vec<GenerationRequest> {
+    let text = |s: &str| engine.tokenizer.encode(s).unwrap();
+    vec![
+        greedy(chat(engine, &[("user", "What is the capital of France?")]), 24),
+        greedy(text("def fibonacci(n):\n    "), 40),
+        greedy(chat(engine, &[("user", "Écris un haïku sur la mer.")]), 32),
+        greedy(text("The three primary colours are"), 16),
+        greedy(chat(engine, &[("user", "用一句话介绍长城。")]), 28),
+        greedy(
+            chat(
+                engine,
+                &[("system", "You answer in one word."), ("user", "Opposite of hot?")],
+            ),
+            8,
+        ),
+        greedy(text("1, 2, 3, 4, 5,"), 36),
+        greedy(chat(engine, &[("user", "List three fruits.")]), 30),
+    ]
+}
+
+#[test]
+fn eight_streams_joining_and_leaving_generate_exactly_what_each_would_alone() {
+    let mut engine = load(0);
+    let reqs = prompts(&engine);
+    let expected: Vec<Generation> = reqs.iter().map(|r| alone(&mut engine, r)).collect();
+    let results = Results::default();
+    let Engine { model, tokenizer, .. } = &mut engine;
+    let mut batcher = Batcher::new(model, tokenizer.clone(), 8);
+    // Half start together; the others join one by one while the first ones decode (and some leave).
+    for (i, r) in reqs.iter().enumerate().take(4) {
+        batcher.start(r.clone(), Box::new(Collect(i, String::new(), results.clone())));
+    }
+    let mut widest = batcher.running();
+    for (i, r) in reqs.iter().enumerate().skip(4) {
+        for _ in 0..3 {
+            batcher.step();
+        }
+        batcher.start(r.clone(), Box::new(Collect(i, String::new(), results.clone())));
+        widest = widest.max(batcher.running());
+    }
+    while batcher.running() > 0 {
+        batcher.step();
+    }
+    assert!(widest >= 6, "requests really decoded together ({widest} at most)");
+    let results = results.lock().unwrap();
+    assert_eq!(results.len(), reqs.len());
+    for (i, g, streamed) in results.iter() {
+        assert_eq!(
+            g.token_ids, expected[*i].token_ids,
+            "request {i}: {:?} vs {:?}",
+            g.text, expected[*i].text
+        );
+        assert_eq!(g.text, expected[*i].text);
+        assert_eq!(*streamed, g.text);
+        assert_eq!(g.finish_reason, expected[*i].finish_reason);
+        assert_eq!(g.usage.cached_tokens, 0, "the prefix cache is off");
+    }
+}
+
+fn run_batched(engine: &mut Engine, req: &GenerationRequest) -> Generation {
+    let results = Results::default();
+    let Engine { model, tokenizer, .. } = engine;
+    let mut batcher = Batcher::new(model, tokenizer.clone(), 8);
+    batcher.start(req.clone(), Box::new(Collect(0, String::new(), results.clone())));
+    while batcher.running() > 0 {
+        batcher.step();
+    }
+    let mut results = results.lock().unwrap();
+    results.pop().expect("one result").1
+}
+
+#[test]
+fn a_growing_chat_reuses_its_prefix_and_generates_exactly_what_it_would_alone() {
+    let mut engine = load(64 << 20);
+    let system = "You are a helpful assistant who answers briefly and precisely.";
+    let turn1 = greedy(
+        chat(&engine, &[("system", system), ("user", "Name a large city in Japan.")]),
+        24,
+    );
+    let first = run_batched(&mut engine, &turn1);
+    assert_eq!(first.usage.cached_tokens, 0, "nothing cached yet");
+    assert_eq!(first.token_ids, alone(&mut engine, &turn1).token_ids);
+
+    // The second turn's prompt starts with the first turn and its answer: that state is reused.
+    let turn2 = greedy(
+        chat(
+            &engine,
+            &[
+                ("system", system),
+                ("user", "Name a large city in Japan."),
+                ("assistant", first.text.as_str()),
+                ("user", "And one in France?"),
+            ],
+        ),
+        24,
+    );
+    let second = run_batched(&mut engine, &turn2);
+    assert!(
+        second.usage.cached_tokens >= turn1.prompt.len(),
+        "{} cached of {} (turn 1 prompt {})",
+        second.usage.cached_tokens,
+        turn2.prompt.len(),
+        turn1.prompt.len()
+    );
+    assert!(second.usage.cached_tokens < turn2.prompt.len());
+    let expected = alone(&mut engine, &turn2);
+    assert_eq!(
+        second.token_ids, expected.token_ids,
+        "{:?} vs {:?}",
+        second.text, expected.text
+    );
+
+    // The same prompt again: everything but the last token comes from the cache, same answer.
+    let again = run_batched(&mut engine, &turn2);
+    assert_eq!(again.usage.cached_tokens, turn2.prompt.len() - 1);
+    assert_eq!(again.token_ids, expected.token_ids);
+
+    // Another system prompt shares only the template's first tokens (too short to reuse).
+    let other = greedy(chat(&engine, &[("system", "Be terse."), ("user", "Hi")]), 8);
+    let g = run_batched(&mut engine, &other);
+    assert!(g.usage.cached_tokens < 8, "{}", g.usage.cached_tokens);
+    assert_eq!(g.token_ids, alone(&mut engine, &other).token_ids);
+}
+
+#[test]
+fn a_prefix_cache_too_small_for_a_sequence_keeps_nothing() {
+    let mut engine = load(1 << 20); // about 22 tokens of state
+    let req = greedy(chat(&engine, &[("user", "What is the capital of France?")]), 12);
+    run_batched(&mut engine, &req);
+    let g = run_batched(&mut engine, &req);
+    assert_eq!(g.usage.cached_tokens, 0);
+    assert_eq!(engine.model.prefix_cache_bytes(), 0);
+}
