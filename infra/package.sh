@@ -10,7 +10,7 @@
 # Each zip (checked: layout, ELF machine, <= 250 MB unzipped):
 #   bootstrap               the binary: http-function (HttpFunction, HttpBufferedFunction) or batch-function
 #   libonnxruntime.so       ONNX Runtime 1.31.1 for ARCH; the binary finds it beside itself
-#   model/                  every file of the model artifact: manifest.json, model.onnx, tokenizer.json
+#   model/                  every file of the model artifact: manifest.json, model.onnx(.data), tokenizer.json
 # Lambda unpacks it in /var/task, so the template sets MODEL_DIR=/var/task/model.
 #
 # Inputs (environment; the Makefile sets the first three):

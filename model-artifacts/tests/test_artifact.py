@@ -10,8 +10,8 @@ from lambda_llm_convert.gguf_source import file_digest
 
 MANIFEST_KEYS = {"id", "architecture", "layers", "heads", "kv_heads", "head_dim", "hidden_size", "vocab_size",
                  "context_length", "rope_theta", "bos_id", "add_bos", "eos_ids", "chat_template", "quantization",
-                 "source", "converter_version", "ort_version", "onnx_ir_version", "files", "io"}
-FILES = ("model.onnx", "tokenizer.json", "manifest.json")
+                 "source", "converter_version", "ort_version", "onnx_ir_version", "files", "graph_optimized", "io"}
+FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json")
 
 
 def test_manifest(artifact, gguf_path):
@@ -30,14 +30,16 @@ def test_manifest(artifact, gguf_path):
     sha, size = file_digest(gguf_path)
     assert m["source"] == {"file": os.path.basename(gguf_path), "sha256": sha, "size": size}
     assert m["converter_version"] == "0.1.0" and m["ort_version"] == "1.31.1" and m["onnx_ir_version"] == 10
-    assert m["files"] == {"model": "model.onnx", "tokenizer": "tokenizer.json"}
+    assert m["files"] == {"model": "model.onnx", "weights": "model.onnx.data", "tokenizer": "tokenizer.json"}
+    assert m["graph_optimized"] is True
     assert m["io"]["past_key"] == "past_key_values.{i}.key" and m["io"]["present_value"] == "present.{i}.value"
 
 
 def test_onnx_header(artifact):
     m = onnx.load(os.path.join(artifact.path, "model.onnx"), load_external_data=False)
     assert m.ir_version == 10
-    assert {o.domain: o.version for o in m.opset_import} == {"": 17, "com.microsoft": 1}
+    opsets = {o.domain: o.version for o in m.opset_import}
+    assert opsets[""] == 17 and opsets["com.microsoft"] == 1
     ops = {n.op_type for n in m.graph.node}
     for op in ("GatherBlockQuantized", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
                "MatMulNBits", "GroupQueryAttention"):
@@ -46,7 +48,12 @@ def test_onnx_header(artifact):
     assert len(gqa) == 30
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 1
-    assert not os.path.exists(os.path.join(artifact.path, "model.onnx.data"))
+    # Optimized at build time: ORT's fusions are in the graph, the weights in the external file the runtime maps.
+    assert "QuickGelu" in ops and "Sigmoid" not in ops
+    assert len(m.graph.initializer) > 500
+    assert sum(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer) > 500
+    assert os.path.getsize(os.path.join(artifact.path, "model.onnx")) < 1_000_000
+    assert os.path.getsize(os.path.join(artifact.path, "model.onnx.data")) > 100_000_000
 
 
 def test_deterministic(artifact, gguf_path, tmp_path):

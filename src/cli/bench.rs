@@ -3,12 +3,26 @@
 use super::ModelArgs;
 use crate::config::Config;
 use crate::core::sampling::argmax;
-use crate::core::Model;
+use crate::core::{Batcher, Delta, Generation, GenerationRequest, Listener, Model, ModelError, SamplingParams};
 use crate::engine::{ChatMessage, Engine};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// Questions for the concurrent streams (each its own chat prompt, like separate users).
+const QUESTIONS: [&str; 8] = [
+    "What is the capital of France?",
+    "Explain photosynthesis to a child.",
+    "Write a limerick about a cat.",
+    "How do vaccines work?",
+    "Give me three tips for learning Rust.",
+    "Why is the sky blue?",
+    "Describe the water cycle.",
+    "What causes the seasons on Earth?",
+];
 
 /// A ~200-token prompt: prefill speed on a realistic document.
 const LONG_PROMPT: &str = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg \
@@ -33,6 +47,9 @@ pub struct BenchArgs {
     /// Runs per prompt; medians are reported.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Concurrent streams for the batching measurement (0 skips it and the prefix-cache one).
+    #[arg(long, default_value_t = 8)]
+    pub streams: usize,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -62,6 +79,38 @@ struct Report {
     peak_rss_mib: Option<f64>,
     rounds: usize,
     prompts: Vec<PromptResult>,
+    /// Throughput of one stream against `streams` concurrent ones (continuous batching).
+    batching: Option<BatchResult>,
+    /// Time to first token of a chat's second turn with and without the prefix cache.
+    prefix_cache: Option<PrefixResult>,
+    /// Peak RSS after the batching and prefix-cache runs.
+    peak_rss_many_mib: Option<f64>,
+}
+
+/// One stream against many.
+#[derive(Debug, Serialize)]
+struct BatchResult {
+    streams: usize,
+    new_tokens: usize,
+    /// Generated tokens per second of wall time (prompt processing included), one stream.
+    single_tok_s: f64,
+    /// The same with `streams` concurrent streams.
+    batch_tok_s: f64,
+    /// `batch_tok_s / single_tok_s`.
+    speedup: f64,
+    /// Median over streams of each stream's decode time per token.
+    per_stream_decode_ms: f64,
+    /// The same for the lone stream.
+    single_decode_ms: f64,
+}
+
+/// A growing chat.
+#[derive(Debug, Serialize)]
+struct PrefixResult {
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    ttft_cold_ms: f64,
+    ttft_cached_ms: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -118,6 +167,13 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
             prompt_ids: prompt,
         });
     }
+    let rss_one_stream = peak_rss_mib();
+    let (batching, prefix_cache) = if a.streams > 0 {
+        let batching = batch_throughput(&mut engine, a.streams, new)?;
+        (Some(batching), Some(prefix_ttft(&mut engine)?))
+    } else {
+        (None, None)
+    };
     let report = Report {
         engine: "lambda-llm (ort)",
         model: engine.manifest.id.clone(),
@@ -125,9 +181,12 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
         load_ms: engine.load_time.as_secs_f64() * 1e3,
         warm_up_ms: engine.warm_up_time.as_secs_f64() * 1e3,
         ready_ms,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: rss_one_stream,
         rounds,
         prompts,
+        batching,
+        prefix_cache,
+        peak_rss_many_mib: peak_rss_mib(),
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -150,8 +209,118 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
                 p.name, p.prompt_tokens, p.prefill_tok_s, p.decode_tok_s, p.ttft_ms
             );
         }
+        if let Some(b) = &report.batching {
+            println!(
+                "{} streams: {:.1} tok/s in all vs {:.1} tok/s alone ({:.2}x); per-stream decode {:.1} ms/token \
+                 (alone {:.1})",
+                b.streams, b.batch_tok_s, b.single_tok_s, b.speedup, b.per_stream_decode_ms, b.single_decode_ms
+            );
+        }
+        if let Some(p) = &report.prefix_cache {
+            println!(
+                "second chat turn ({} tokens, {} cached): TTFT {:.1} ms cached vs {:.1} ms cold",
+                p.prompt_tokens, p.cached_tokens, p.ttft_cached_ms, p.ttft_cold_ms
+            );
+        }
     }
     Ok(())
+}
+
+/// Collects generations.
+struct Keep(Arc<Mutex<Vec<Generation>>>);
+
+impl Listener for Keep {
+    fn delta(&mut self, _: Delta) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+    fn done(self: Box<Self>, result: Result<Generation, ModelError>) {
+        if let Ok(g) = result {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(g);
+        }
+    }
+}
+
+/// Runs `requests` together through the batch scheduler; returns the wall time and the generations.
+fn run_batch(engine: &mut Engine, requests: Vec<GenerationRequest>) -> Result<(f64, Vec<Generation>)> {
+    let n = requests.len();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let Engine { model, tokenizer, .. } = engine;
+    let mut batcher = Batcher::new(model, tokenizer.clone(), n);
+    let t = Instant::now();
+    for r in requests {
+        batcher.start(r, Box::new(Keep(done.clone())));
+    }
+    while batcher.running() > 0 {
+        batcher.step();
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let gens = std::mem::take(&mut *done.lock().unwrap_or_else(|e| e.into_inner()));
+    anyhow::ensure!(gens.len() == n, "{} of {n} generations failed", n - gens.len());
+    Ok((wall, gens))
+}
+
+/// Greedy, `new` tokens, end-of-sequence suppressed so every stream decodes the same count.
+fn fixed_length(prompt: Vec<u32>, new: usize, eos: &[u32]) -> GenerationRequest {
+    let mut sampling = SamplingParams::greedy();
+    sampling.logit_bias = eos.iter().map(|&e| (e, -100.0)).collect();
+    GenerationRequest::new(prompt, new, sampling)
+}
+
+fn decode_ms_per_token(g: &Generation) -> f64 {
+    g.timings.decode.as_secs_f64() * 1e3 / g.usage.completion_tokens.max(1) as f64
+}
+
+/// One stream alone, then `streams` at once.
+fn batch_throughput(engine: &mut Engine, streams: usize, new: usize) -> Result<BatchResult> {
+    let eos = engine.manifest.eos_ids.clone();
+    let mut prompts = Vec::new();
+    for i in 0..streams {
+        let q = QUESTIONS[i % QUESTIONS.len()];
+        prompts.push(engine.chat_prompt(&[ChatMessage::new("user", q)])?);
+    }
+    let (wall1, one) = run_batch(engine, vec![fixed_length(prompts[0].clone(), new, &eos)])?;
+    let requests = prompts.into_iter().map(|p| fixed_length(p, new, &eos)).collect();
+    let (wall_n, many) = run_batch(engine, requests).context("concurrent streams")?;
+    let tokens = |gens: &[Generation]| gens.iter().map(|g| g.usage.completion_tokens).sum::<usize>() as f64;
+    let single_tok_s = tokens(&one) / wall1;
+    let batch_tok_s = tokens(&many) / wall_n;
+    Ok(BatchResult {
+        streams,
+        new_tokens: new,
+        single_tok_s,
+        batch_tok_s,
+        speedup: batch_tok_s / single_tok_s,
+        per_stream_decode_ms: median(many.iter().map(decode_ms_per_token).collect()),
+        single_decode_ms: decode_ms_per_token(&one[0]),
+    })
+}
+
+/// A chat's second turn: time to first token when the first turn's state is cached, and when it is not.
+fn prefix_ttft(engine: &mut Engine) -> Result<PrefixResult> {
+    let system = "You are a careful assistant. Answer in two or three sentences, cite no sources, and keep a \
+                  friendly, plain tone suitable for a general audience.";
+    let q1 = "What is the tallest mountain on Earth?";
+    let turn1 = engine.chat_prompt(&[ChatMessage::new("system", system), ChatMessage::new("user", q1)])?;
+    let eos = engine.manifest.eos_ids.clone();
+    let mut req1 = fixed_length(turn1, 48, &[]);
+    req1.sampling.logit_bias.clear();
+    let (_, first) = run_batch(engine, vec![req1])?;
+    let answer = first[0].text.clone();
+    let turn2 = engine.chat_prompt(&[
+        ChatMessage::new("system", system),
+        ChatMessage::new("user", q1),
+        ChatMessage::new("assistant", &answer),
+        ChatMessage::new("user", "And the deepest point of the ocean?"),
+    ])?;
+    let (_, cached) = run_batch(engine, vec![fixed_length(turn2.clone(), 1, &eos)])?;
+    engine.model.clear_prefix_cache();
+    let (_, cold) = run_batch(engine, vec![fixed_length(turn2.clone(), 1, &eos)])?;
+    Ok(PrefixResult {
+        prompt_tokens: turn2.len(),
+        cached_tokens: cached[0].usage.cached_tokens,
+        ttft_cold_ms: cold[0].timings.first_token.as_secs_f64() * 1e3,
+        ttft_cached_ms: cached[0].timings.first_token.as_secs_f64() * 1e3,
+    })
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).

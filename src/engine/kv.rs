@@ -147,6 +147,12 @@ impl PrefixCache {
         self.budget > 0
     }
 
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.used = 0;
+    }
+
     /// Floats held now.
     pub fn used(&self) -> usize {
         self.used

@@ -34,6 +34,9 @@ impl IoNames {
 pub struct ArtifactFiles {
     /// The ONNX graph.
     pub model: String,
+    /// The graph's external weights, when it has them (ONNX Runtime reads and maps them itself).
+    #[serde(default)]
+    pub weights: Option<String>,
     /// The `tokenizers` JSON.
     pub tokenizer: String,
 }
@@ -85,6 +88,10 @@ pub struct Manifest {
     pub ort_version: String,
     /// File names.
     pub files: ArtifactFiles,
+    /// The graph was optimized by ONNX Runtime when the artifact was built (its weights in an external file), so
+    /// loading skips graph optimization.
+    #[serde(default)]
+    pub graph_optimized: bool,
     /// Graph tensor names.
     pub io: IoNames,
 }

@@ -81,28 +81,30 @@ pub struct Engine {
 
 impl Engine {
     /// Loads the artifact in `dir` and warms the session up.
+    ///
+    /// The tokenizer and chat template load on a second thread while ONNX Runtime builds the session (which is
+    /// mostly single-threaded), so a cold start pays for the slower of the two, not their sum.
     pub fn load(dir: &Path, options: &EngineOptions) -> Result<Self, EngineError> {
         let start = Instant::now();
         let manifest = Manifest::load(dir)?;
-        let (library, env) = runtime::environment(options.ort_dylib_path.as_deref())?;
-        let bos = manifest.bos_id.filter(|_| manifest.add_bos);
-        let tokenizer = TextTokenizer::load(&dir.join(&manifest.files.tokenizer), bos)?;
-        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
-        let chat = match &manifest.chat_template {
-            Some(src) => Some(Arc::new(ChatTemplate::new(
-                src,
-                &token_text(manifest.bos_id),
-                &token_text(manifest.eos_ids.first().copied()),
-            )?)),
-            None => None,
+        let text_side = {
+            let manifest = manifest.clone();
+            let dir = dir.to_path_buf();
+            std::thread::Builder::new()
+                .name("tokenizer-load".into())
+                .spawn(move || load_text_side(&dir, &manifest))
+                .map_err(|e| ModelError::Backend(format!("cannot start the tokenizer thread: {e}")))?
         };
-        let tokenizer = Arc::new(tokenizer);
+        let (library, env) = runtime::environment(options.ort_dylib_path.as_deref())?;
         let session_options = SessionOptions {
             threads: options.threads,
             max_batch: options.max_batch,
             prefix_cache_bytes: options.prefix_cache_bytes,
         };
         let mut model = OnnxModel::load(dir, manifest.clone(), env, &session_options)?;
+        let (tokenizer, chat) = text_side
+            .join()
+            .map_err(|_| ModelError::Backend("the tokenizer thread panicked".into()))??;
         let load_time = start.elapsed();
         let warm_up_time = model.warm_up()?;
         Ok(Self {
@@ -125,4 +127,23 @@ impl Engine {
         let text = template.render(messages, true)?;
         Ok(self.tokenizer.encode(&text)?)
     }
+}
+
+/// The tokenizer and the compiled chat template of the artifact in `dir`.
+fn load_text_side(
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<(Arc<TextTokenizer>, Option<Arc<ChatTemplate>>), EngineError> {
+    let bos = manifest.bos_id.filter(|_| manifest.add_bos);
+    let tokenizer = TextTokenizer::load(&dir.join(&manifest.files.tokenizer), bos)?;
+    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+    let chat = match &manifest.chat_template {
+        Some(src) => Some(Arc::new(ChatTemplate::new(
+            src,
+            &token_text(manifest.bos_id),
+            &token_text(manifest.eos_ids.first().copied()),
+        )?)),
+        None => None,
+    };
+    Ok((Arc::new(tokenizer), chat))
 }

@@ -97,7 +97,11 @@ impl OnnxModel {
         let path = dir.join(&manifest.files.model);
         let session = Session::builder(env)
             .map_err(backend)?
-            .with_optimization_level(GraphOptimizationLevel::All)
+            .with_optimization_level(if manifest.graph_optimized {
+                GraphOptimizationLevel::Disable
+            } else {
+                GraphOptimizationLevel::All
+            })
             .map_err(backend)?
             .with_intra_threads(threads)
             .map_err(backend)?
@@ -159,6 +163,11 @@ impl OnnxModel {
     /// Bytes held by the prefix cache.
     pub fn prefix_cache_bytes(&self) -> usize {
         self.prefix.used() * std::mem::size_of::<f32>()
+    }
+
+    /// Forgets every cached prefix.
+    pub fn clear_prefix_cache(&mut self) {
+        self.prefix.clear();
     }
 
     /// Runs a short sequence through the graph so the first real request does not pay for lazy initialisation.
