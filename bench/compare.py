@@ -78,8 +78,46 @@ def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
         r = run_json([sys.executable, os.path.join(HERE, "engines.py")], env, json.dumps(job), a.timeout)
     if r.get("threads") not in (None, threads):
         raise RunError(f"asked for {threads} threads, engine reports {r.get('threads')}")
+    if engine == "ours":
+        r["cold_start_ms"] = r.get("ready_ms")  # process start -> ready, measured by the process itself
     r["ready_ms"] = r["load_ms"] + r.get("warm_up_ms", 0.0)  # the same definition for every engine
     return r
+
+
+# Our engine only (llama-cpp-python serves one sequence at a time): (report section, key, label).
+MANY = [(None, "cold_start_ms", "cold start: process start → ready, ms"),
+        ("batching", "single_tok_s", "1 stream: tok/s"),
+        ("batching", "batch_tok_s", "8 streams: tok/s in all"),
+        ("batching", "speedup", "8 streams / 1 stream"),
+        ("batching", "single_decode_ms", "1 stream: decode ms/token"),
+        ("batching", "per_stream_decode_ms", "8 streams: decode ms/token per stream (median)"),
+        (None, "peak_rss_many_mib", "peak RSS after 8 streams, MiB"),
+        ("prefix_cache", "prompt_tokens", "chat turn 2: prompt tokens"),
+        ("prefix_cache", "cached_tokens", "chat turn 2: cached tokens"),
+        ("prefix_cache", "ttft_cold_ms", "chat turn 2: TTFT without the prefix cache, ms"),
+        ("prefix_cache", "ttft_cached_ms", "chat turn 2: TTFT with the prefix cache, ms")]
+
+
+def many_table(runs: list[dict], threads: list[int]) -> list[str]:
+    """Medians of our serving-many figures per thread count."""
+    lines = ["### Serving many at once, cold start (lambda-llm)", "",
+             "| metric | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
+             "|---|" + "--:|" * len(threads)]
+    for section, key, label in MANY:
+        cells = []
+        for t in threads:
+            vals = []
+            for r in runs:
+                res = r.get("result")
+                if r["engine"] != "ours" or r["threads"] != t or not res:
+                    continue
+                v = (res.get(section) or {}).get(key) if section else res.get(key)
+                if isinstance(v, (int, float)):
+                    vals.append(v)
+            m = statistics.median(vals) if vals else None
+            cells.append("—" if m is None else f"{m:.2f}×" if key == "speedup" else fmt(m))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def value(run: dict, key: str, prompt: str | None):
@@ -291,7 +329,11 @@ def main(argv=None) -> int:
           "TTFT = prefill + first argmax. Load excludes process start and imports; warm-up is a 2-token and a "
           "1-token forward in every engine. Peak RSS is the whole process (for the Python engines: interpreter, "
           "numpy and the binding included). llama.cpp runs the original Q4_1 GGUF; lambda-llm and python-ort run "
-          "the same model.onnx.", "", *tables]
+          "the same model.onnx.", "", *tables, *many_table(runs, threads),
+          "Serving many: 8 chat prompts of 30–40 tokens started together, each decoding the same number of new "
+          "tokens (greedy, EOS suppressed), against one of them alone; tok/s = generated tokens / wall time "
+          "including prompt processing. Chat turn 2: a second turn whose prompt starts with the first turn and its "
+          "answer, with the first turn's state in the prefix cache and with the cache cleared.", ""]
     if chart_err is None:
         md += [f"![ratios]({os.path.basename(chart_path)})", ""]
     if errors:

@@ -6,6 +6,7 @@
 
 use super::store::{ChunkQueue, ObjectStore, StoreError};
 use super::{BatchRunner, OutputLine};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -193,17 +194,24 @@ impl BatchJobs {
                 return Ok(());
             }
             let lines = request_lines(&input.bytes);
-            let mut out = Vec::new();
-            for (i, (line_no, raw)) in lines
-                .iter()
-                .enumerate()
-                .take(chunk.last_line)
-                .skip(chunk.first_line - 1)
-            {
+            // Lines run concurrently (the model decodes them in one batch); results come back in input order.
+            let mut results = futures_util::stream::iter(
+                lines
+                    .iter()
+                    .enumerate()
+                    .take(chunk.last_line)
+                    .skip(chunk.first_line - 1),
+            )
+            .map(|(i, (line_no, raw))| async move {
                 if deadline.is_some_and(|d| Instant::now() + self.margin >= d) {
                     return Err(ChunkError::Deadline(i + 1));
                 }
-                out.push(self.runner.run(*line_no, raw).await);
+                Ok(self.runner.run(*line_no, raw).await)
+            })
+            .buffered(self.runner.concurrency());
+            let mut out = Vec::new();
+            while let Some(line) = results.next().await {
+                out.push(line?);
             }
             // A part appears whole or not at all; a redelivered chunk finds it and does nothing twice.
             self.store.create(&chunk.bucket, &part_key, to_jsonl(&out)).await?;

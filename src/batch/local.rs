@@ -5,6 +5,7 @@
 //! results; a rerun drops a torn last line, counts what is done and goes on from there.
 
 use super::{completion_tokens, BatchRunner};
+use futures_util::StreamExt;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -86,8 +87,12 @@ pub async fn run(
     };
     let start = Instant::now();
     progress(&summary, start.elapsed());
-    for (line_no, raw) in lines.iter().skip(done) {
-        let result = runner.run(*line_no, raw).await;
+    // Lines run concurrently (the model decodes them in one batch) and are written in input order, so a cut run
+    // always leaves a prefix of the output to resume from.
+    let mut results = futures_util::stream::iter(lines.iter().skip(done))
+        .map(|(line_no, raw)| runner.run(*line_no, raw))
+        .buffered(runner.concurrency());
+    while let Some(result) = results.next().await {
         let mut text = serde_json::to_string(&result).unwrap_or_default();
         text.push('\n');
         let (file, path) = if result.succeeded() {

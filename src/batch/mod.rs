@@ -74,12 +74,14 @@ impl OutputLine {
 pub struct BatchRunner {
     app: Router,
     key: String,
+    concurrency: usize,
 }
 
 impl BatchRunner {
     /// A runner over `state`'s model; its key store is replaced by one holding a fresh internal key.
     pub fn new(mut state: AppState) -> Result<Self, crate::keys::key::RandomError> {
         let key = crate::keys::generate_key()?;
+        let concurrency = state.worker.max_batch();
         let record = KeyRecord::new("key_batch", "batch", hash_key(&key));
         state.keys = Arc::new(MemoryKeyStore::new(KeysDocument {
             keys: vec![record],
@@ -88,7 +90,13 @@ impl BatchRunner {
         Ok(Self {
             app: router(state),
             key,
+            concurrency,
         })
+    }
+
+    /// Lines to run at once: as many as the model decodes together.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     /// Runs input line `line_no` (1-based) and returns its output line; never fails.

@@ -96,6 +96,7 @@ pub struct Worker {
     tx: Sender<Job>,
     queued: Arc<AtomicUsize>,
     capacity: usize,
+    max_batch: usize,
     alive: Arc<AtomicBool>,
 }
 
@@ -122,8 +123,14 @@ impl Worker {
             tx,
             queued,
             capacity,
+            max_batch: max_batch.max(1),
             alive,
         }
+    }
+
+    /// Most sequences decoding together.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 
     /// Queues `requests` (the choices of one job); events arrive on the returned receiver.
