@@ -443,6 +443,10 @@ async fn models_tokenize_detokenize_and_openapi() {
     send(app(), "GET", "/v1/models/nope", Some(KEY), None)
         .await
         .error(StatusCode::NOT_FOUND);
+    // An id that is not UTF-8 once percent-decoded is the same 404 envelope.
+    send(app(), "GET", "/v1/models/%ff%fe", Some(KEY), None)
+        .await
+        .error(StatusCode::NOT_FOUND);
     let t = post("/tokenize", json!({"prompt": "Hello <|im_end|>"})).await.json();
     let tokens = t["tokens"].clone();
     assert_eq!(t["count"], tokens.as_array().unwrap().len());

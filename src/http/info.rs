@@ -8,6 +8,7 @@ use crate::keys::AuthorizedKey;
 use crate::openai::{
     DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -43,8 +44,10 @@ pub async fn list_models(State(state): State<AppState>, Extension(key): Extensio
 pub async fn get_model(
     State(state): State<AppState>,
     Extension(key): Extension<AuthorizedKey>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ModelCard>, ApiError> {
+    // An id that does not percent-decode to UTF-8 names no model: the same 404 envelope, not axum's text reply.
+    let Path(id) = id.map_err(|_| ApiError::model_not_found("(undecodable id)"))?;
     let resolved = state.model.resolve(&id).ok_or_else(|| ApiError::model_not_found(&id))?;
     if !(key.allows_model(&id) || key.allows_model(resolved)) {
         return Err(ApiError::model_not_found(&id));
