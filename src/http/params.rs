@@ -2,7 +2,8 @@
 
 use super::error::ApiError;
 use super::{AppState, Deadline};
-use crate::core::{validate::check_context, Generation, GenerationRequest, SamplingParams};
+use crate::core::validate::{check_completion_limit, check_context, check_prompt_limit};
+use crate::core::{Generation, GenerationRequest, SamplingParams, ValidationError};
 use crate::engine::worker::{JobEvent, QueueFull};
 use crate::keys::{AuthError, AuthorizedKey};
 use crate::openai::Stop;
@@ -51,11 +52,16 @@ pub fn stops(stop: Option<Stop>, max: usize) -> Result<Vec<String>, ApiError> {
     Ok(list.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
-/// `max_tokens` ≥ 0, or the default.
-pub fn max_tokens(param: &str, v: Option<i64>, default: usize) -> Result<usize, ApiError> {
+/// `max_tokens` in 0..=`cap` (`MAX_COMPLETION_TOKENS`; `None`: no cap but the context), or the default (capped).
+pub fn max_tokens(param: &str, v: Option<i64>, default: usize, cap: Option<usize>) -> Result<usize, ApiError> {
+    let cap = cap.unwrap_or(usize::MAX);
     match v {
-        None => Ok(default),
-        Some(n) if n >= 0 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        None => Ok(default.min(cap)),
+        Some(n) if n >= 0 => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            check_completion_limit(param, n, cap)?;
+            Ok(n)
+        }
         Some(n) => Err(ApiError::invalid(param, format!("`{param}` must be >= 0, got {n}"))),
     }
 }
@@ -77,7 +83,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Checks each prompt against the context and expands to `prompts × per_prompt` requests, prompt-major.
+    /// Checks each prompt against `MAX_PROMPT_TOKENS` and the context, and expands to `prompts × per_prompt`
+    /// requests, prompt-major.
     ///
     /// Choice `i` of a seeded request uses `seed + i`, so choices differ yet the whole response is reproducible.
     pub fn requests(
@@ -89,14 +96,19 @@ impl Plan {
         let own = Instant::now() + state.limits.request_timeout;
         let deadline = platform.map_or(own, |Deadline(d)| d.min(own));
         let mut out = Vec::with_capacity(self.prompts.len() * self.per_prompt);
+        // Errors about "the prompt" name the request field that carried it (`prompt` or `messages`).
+        let named = |e: ValidationError| {
+            let mut e = ApiError::from(e);
+            if e.param.as_deref() == Some("prompt") {
+                e.param = Some(param.to_owned());
+            }
+            e
+        };
         for prompt in &self.prompts {
-            check_context(prompt.len(), self.max_tokens, state.model.context_length).map_err(|e| {
-                let mut e = ApiError::from(e);
-                if e.param.as_deref() == Some("prompt") {
-                    e.param = Some(param.to_owned());
-                }
-                e
-            })?;
+            if let Some(max) = state.limits.max_prompt_tokens {
+                check_prompt_limit(prompt.len(), max).map_err(named)?;
+            }
+            check_context(prompt.len(), self.max_tokens, state.model.context_length).map_err(named)?;
             for i in 0..self.per_prompt {
                 let mut sampling = self.sampling.clone();
                 sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
