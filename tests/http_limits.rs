@@ -171,6 +171,9 @@ async fn request_timeout_seconds_ends_a_generation_with_length() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(10),
         "{took:?}"
     );
+    // The largest value the variable takes is no timeout at all (it once overflowed `Instant` and panicked).
+    let forever = quick(&[("REQUEST_TIMEOUT_SECONDS", &u64::MAX.to_string())]);
+    ok(&forever, "/v1/completions", completion(json!({}))).await;
 }
 
 #[tokio::test]

@@ -93,8 +93,9 @@ impl Plan {
         param: &str,
         platform: Option<Deadline>,
     ) -> Result<Vec<GenerationRequest>, ApiError> {
-        let own = Instant::now() + state.limits.request_timeout;
-        let deadline = platform.map_or(own, |Deadline(d)| d.min(own));
+        // Checked: a `REQUEST_TIMEOUT_SECONDS` past what `Instant` can hold means no timeout, not a panic.
+        let own = Instant::now().checked_add(state.limits.request_timeout);
+        let deadline = [own, platform.map(|Deadline(d)| d)].into_iter().flatten().min();
         let mut out = Vec::with_capacity(self.prompts.len() * self.per_prompt);
         // Errors about "the prompt" name the request field that carried it (`prompt` or `messages`).
         let named = |e: ValidationError| {
@@ -115,7 +116,7 @@ impl Plan {
                 let mut req = GenerationRequest::new(prompt.clone(), self.max_tokens, sampling);
                 req.stop = self.stop.clone();
                 req.logprobs = self.logprobs;
-                req.deadline = Some(deadline);
+                req.deadline = deadline;
                 out.push(req);
             }
         }

@@ -41,7 +41,8 @@ fn keys() -> KeysDocument {
     }
 }
 
-/// The real engine behind a router configured by `vars` (environment variables, read by `Config` as at start).
+/// The real engine behind a router with the request limits of `vars` (environment variables, read by `Config` as
+/// at start; `MAX_QUEUE` sizes the model thread's queue, which is built once: see `AppState::new` for that one).
 ///
 /// The engine is loaded once per binary; every call gets its own rate limiter, so tests do not share budgets.
 pub fn state_with(vars: &[(&str, &str)]) -> AppState {
