@@ -28,12 +28,13 @@ export LAMBDA_LLM_ARTIFACT_DIR := $(ARTIFACT)
 # The Rust tests that need AWS services start this moto server themselves (tests/support/moto.rs).
 export MOTO_SERVER := $(INFRA_VENV)/bin/moto_server
 
-.PHONY: help setup run test test-rust test-python test-clients test-lambda test-infra check-template lambda bench clean-cache
+.PHONY: help setup run test test-rust test-python test-clients test-lambda test-infra check-template lambda bench fuzz clean-cache
 
 help:
 	@echo "make run    build and serve the OpenAI-compatible API on 127.0.0.1:3000 (prints a dev key and a curl line)"
 	@echo "make test   set up (cached) and run every test"
 	@echo "make bench  compare this engine with llama.cpp on the same weights"
+	@echo "make fuzz   the request parser and validator under libFuzzer for FUZZ_SECONDS (default 60)"
 
 ## setup: Python venv (pinned), ONNX Runtime library from the PyPI wheel, the model artifact. Idempotent.
 setup: $(VENV)/.ok $(INFRA_VENV)/.ok $(ORT_LIB) $(ARTIFACT)/manifest.json
@@ -116,6 +117,25 @@ ARCH ?= x86_64
 BIN  ?= http-function batch-function
 lambda: setup
 	INFRA_VENV=$(INFRA_VENV) CACHE=$(CACHE) ARCH=$(ARCH) BIN="$(BIN)" infra/package.sh
+
+# fuzz: the request parser and validator under libFuzzer (fuzz/, its own workspace) for FUZZ_SECONDS; `make soak` runs
+# it. cargo-fuzz passes -Z flags, which the stable toolchain takes with RUSTC_BOOTSTRAP=1; no sanitizer (safe Rust:
+# panics, overflow checks and debug assertions are the oracle). New inputs go to the cached corpus, crashes to
+# fuzz/artifacts/. The first build (every dependency instrumented) takes about 25 minutes on two cores; it is cached.
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ_ROOT    := $(CACHE)/cargo-fuzz-$(CARGO_FUZZ_VERSION)
+FUZZ_SECONDS       ?= 60
+FUZZ_CORPUS        := $(CACHE)/fuzz-corpus/parse_request
+
+$(CARGO_FUZZ_ROOT)/bin/cargo-fuzz:
+	cargo install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked --root $(CARGO_FUZZ_ROOT)
+
+fuzz: setup $(CARGO_FUZZ_ROOT)/bin/cargo-fuzz
+	mkdir -p $(FUZZ_CORPUS)
+	cd fuzz && PATH=$(CARGO_FUZZ_ROOT)/bin:$$PATH RUSTC_BOOTSTRAP=1 \
+		MODEL_DIR=$(abspath $(MODEL_DIR)) ORT_DYLIB_PATH=$(ORT_LIB) \
+		cargo fuzz run parse_request --sanitizer none --codegen-units 16 --target-dir $(CACHE)/target-fuzz \
+		$(FUZZ_CORPUS) seeds/parse_request -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 bench: setup
 	cargo build --release --locked

@@ -54,7 +54,8 @@ pub struct Config {
     pub keys_cache_ttl: Duration,
     /// `MODEL_ALIASES`: `(alias, model id)` pairs, e.g. `text-davinci-003=smollm2-135m-instruct`.
     pub model_aliases: Vec<(String, String)>,
-    /// `MAX_BODY_BYTES`, `REQUEST_TIMEOUT_SECONDS`: limits of the HTTP API.
+    /// `MAX_BODY_BYTES`, `REQUEST_TIMEOUT_SECONDS`, `MAX_STOP`, `MAX_N`, `MAX_PROMPT_TOKENS`,
+    /// `MAX_COMPLETION_TOKENS`: limits of the HTTP API.
     pub limits: crate::http::Limits,
     /// `MAX_QUEUE`: requests that may wait for the model before new ones get 503 (default 64).
     pub max_queue: usize,
@@ -162,15 +163,22 @@ impl Config {
             })?,
         };
         let defaults = crate::http::Limits::default();
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         let limits = crate::http::Limits {
-            max_body_bytes: number("MAX_BODY_BYTES", 1)?.map_or(defaults.max_body_bytes, |n| n as usize),
+            max_body_bytes: number("MAX_BODY_BYTES", 1)?.map_or(defaults.max_body_bytes, size),
             request_timeout: number("REQUEST_TIMEOUT_SECONDS", 1)?
                 .map_or(defaults.request_timeout, Duration::from_secs),
+            max_stop: number("MAX_STOP", 0)?.map_or(defaults.max_stop, size),
+            max_n: number("MAX_N", 1)?.map_or(defaults.max_n, size),
+            max_prompt_tokens: number("MAX_PROMPT_TOKENS", 1)?.map(size),
+            max_completion_tokens: number("MAX_COMPLETION_TOKENS", 1)?.map(size),
             ..defaults
         };
-        let max_queue = number("MAX_QUEUE", 1)?.map_or(DEFAULT_MAX_QUEUE, |n| n as usize);
-        let max_batch = number("MAX_BATCH", 1)?.map_or(DEFAULT_MAX_BATCH, |n| n as usize);
-        let prefix_cache_bytes = number("PREFIX_CACHE_MB", 0)?.map_or(DEFAULT_PREFIX_CACHE_MB, |n| n as usize) << 20;
+        let max_queue = number("MAX_QUEUE", 1)?.map_or(DEFAULT_MAX_QUEUE, size);
+        let max_batch = number("MAX_BATCH", 1)?.map_or(DEFAULT_MAX_BATCH, size);
+        let prefix_cache_bytes = number("PREFIX_CACHE_MB", 0)?
+            .map_or(DEFAULT_PREFIX_CACHE_MB, size)
+            .saturating_mul(1 << 20);
         Ok(Self {
             model_dir: get("MODEL_DIR").map_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR), PathBuf::from),
             ort_dylib_path: get("ORT_DYLIB_PATH").map(PathBuf::from),
@@ -290,6 +298,41 @@ mod tests {
             cfg(&[("BATCH_CHUNK_LINES", "0")]).unwrap_err().name,
             "BATCH_CHUNK_LINES"
         );
+    }
+
+    #[test]
+    fn request_limits_default_to_the_old_behaviour() {
+        let l = cfg(&[]).unwrap().limits;
+        assert_eq!(l, crate::http::Limits::default());
+        assert_eq!((l.max_stop, l.max_n), (4, 16));
+        assert_eq!((l.max_prompt_tokens, l.max_completion_tokens), (None, None));
+        assert_eq!(l.max_body_bytes, 1 << 20);
+        assert_eq!(l.request_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn request_limits_are_read_and_checked() {
+        let l = cfg(&[
+            ("MAX_STOP", "2"),
+            ("MAX_N", "3"),
+            ("MAX_PROMPT_TOKENS", "100"),
+            ("MAX_COMPLETION_TOKENS", " 50 "),
+        ])
+        .unwrap()
+        .limits;
+        assert_eq!((l.max_stop, l.max_n), (2, 3));
+        assert_eq!((l.max_prompt_tokens, l.max_completion_tokens), (Some(100), Some(50)));
+        // No stop strings at all is a valid policy; zero choices or tokens is not.
+        assert_eq!(cfg(&[("MAX_STOP", "0")]).unwrap().limits.max_stop, 0);
+        for name in ["MAX_N", "MAX_PROMPT_TOKENS", "MAX_COMPLETION_TOKENS"] {
+            assert_eq!(cfg(&[(name, "0")]).unwrap_err().name, name);
+        }
+        for name in ["MAX_STOP", "MAX_N", "MAX_PROMPT_TOKENS", "MAX_COMPLETION_TOKENS"] {
+            for bad in ["-1", "2.5", "many", "99999999999999999999999"] {
+                let e = cfg(&[(name, bad)]).unwrap_err();
+                assert_eq!((e.name, e.value.as_str()), (name, bad));
+            }
+        }
     }
 
     #[test]

@@ -66,9 +66,11 @@ fn in_range(
     let Some(v) = v else {
         return Ok(default as f32);
     };
-    let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
-    if ok {
-        Ok(v as f32)
+    // Checked again after the narrowing to f32: a tiny positive `top_p` (1e-300) would otherwise become 0.
+    let narrow = v as f32;
+    let within = |v: f64| v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
+    if within(v) && within(f64::from(narrow)) {
+        Ok(narrow)
     } else {
         let op = if lo_open { ">" } else { ">=" };
         Err(ValidationError::new(
@@ -143,17 +145,46 @@ pub fn check_context(prompt_tokens: usize, max_tokens: usize, context_length: us
             "the prompt must contain at least one token",
         ));
     }
-    if prompt_tokens + max_tokens > context_length {
+    // Saturating: `max_tokens` comes from the client, and a wrapped sum would let any request through.
+    let requested = prompt_tokens.saturating_add(max_tokens);
+    if requested > context_length {
         return Err(ValidationError::new(
             "max_tokens",
             format!(
-                "This model's maximum context length is {context_length} tokens. However, you requested {} tokens \
-                 ({prompt_tokens} in the prompt, {max_tokens} for the completion). Please reduce the prompt or \
-                 `max_tokens`.",
-                prompt_tokens + max_tokens
+                "This model's maximum context length is {context_length} tokens. However, you requested {requested} \
+                 tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion). Please reduce the prompt \
+                 or `max_tokens`."
             ),
         )
         .with_code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
+/// Checks a prompt of `prompt_tokens` against the server's prompt cap `max_prompt_tokens` (`MAX_PROMPT_TOKENS`).
+///
+/// The code is OpenAI's `context_length_exceeded`, so clients that shorten their prompt on it do so here too.
+pub fn check_prompt_limit(prompt_tokens: usize, max_prompt_tokens: usize) -> Result<(), ValidationError> {
+    if prompt_tokens > max_prompt_tokens {
+        return Err(ValidationError::new(
+            "prompt",
+            format!(
+                "This server accepts at most {max_prompt_tokens} prompt tokens. However, your prompt has \
+                 {prompt_tokens} tokens. Please reduce the prompt."
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
+/// Checks a requested `max_tokens` (named `param`) against the server's cap (`MAX_COMPLETION_TOKENS`).
+pub fn check_completion_limit(param: &str, max_tokens: usize, cap: usize) -> Result<(), ValidationError> {
+    if max_tokens > cap {
+        return Err(ValidationError::new(
+            param,
+            format!("`{param}` must be <= {cap} on this server, got {max_tokens}"),
+        ));
     }
     Ok(())
 }
@@ -199,6 +230,15 @@ mod tests {
         .validate(10)
         .unwrap_err();
         assert_eq!(e.param, "presence_penalty");
+        // Found by tests/wire_properties.rs: in range as f64, but 0 once narrowed to f32.
+        for (top_p, repetition_penalty) in [(Some(1e-300), None), (None, Some(2.8e-191))] {
+            let raw = RawSampling {
+                top_p,
+                repetition_penalty,
+                ..Default::default()
+            };
+            assert!(raw.validate(10).is_err(), "{raw:?}");
+        }
     }
 
     #[test]
@@ -220,5 +260,26 @@ mod tests {
         let e = check_context(10, 7, 16).unwrap_err();
         assert_eq!(e.code, Some("context_length_exceeded"));
         assert_eq!(check_context(0, 1, 16).unwrap_err().param, "prompt");
+        // Found by tests/wire_properties.rs: the sum overflowed (a panic in debug builds, a pass in release).
+        let e = check_context(2, usize::MAX, 16).unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"));
+    }
+
+    #[test]
+    fn prompt_and_completion_caps_name_the_limit() {
+        assert!(check_prompt_limit(8, 8).is_ok());
+        let e = check_prompt_limit(9, 8).unwrap_err();
+        assert_eq!((e.param.as_str(), e.code), ("prompt", Some("context_length_exceeded")));
+        assert!(
+            e.message.contains("at most 8 prompt tokens") && e.message.contains("has 9"),
+            "{e}"
+        );
+        assert!(check_completion_limit("max_tokens", 32, 32).is_ok());
+        let e = check_completion_limit("max_completion_tokens", 33, 32).unwrap_err();
+        assert_eq!(e.param, "max_completion_tokens");
+        assert_eq!(
+            e.message,
+            "`max_completion_tokens` must be <= 32 on this server, got 33"
+        );
     }
 }

@@ -69,9 +69,10 @@ pub async fn create(
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let prompt = state.model.tokenizer.encode(&text)?;
     let room = state.model.context_length.saturating_sub(prompt.len());
+    let cap = state.limits.max_completion_tokens;
     let limit = match req.max_completion_tokens {
-        Some(_) => params::max_tokens("max_completion_tokens", req.max_completion_tokens, room)?,
-        None => params::max_tokens("max_tokens", req.max_tokens, room)?,
+        Some(_) => params::max_tokens("max_completion_tokens", req.max_completion_tokens, room, cap)?,
+        None => params::max_tokens("max_tokens", req.max_tokens, room, cap)?,
     };
     let plan = Plan {
         prompts: vec![prompt],

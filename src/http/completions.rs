@@ -67,7 +67,12 @@ pub async fn create(
     let prompts = prompt_tokens(&state, req.prompt)?;
     let plan = Plan {
         prompts,
-        max_tokens: params::max_tokens("max_tokens", req.max_tokens, DEFAULT_MAX_TOKENS)?,
+        max_tokens: params::max_tokens(
+            "max_tokens",
+            req.max_tokens,
+            DEFAULT_MAX_TOKENS,
+            state.limits.max_completion_tokens,
+        )?,
         sampling,
         stop: params::stops(req.stop, state.limits.max_stop)?,
         per_prompt: best_of,

@@ -21,28 +21,41 @@ use error::ApiError;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Limits applied by the router (each configurable; see `Config`).
+/// Limits applied by the router (each configurable through `Config`; the table is in SECURITY.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
-    /// Largest accepted request body in bytes (413 above).
+    /// `MAX_BODY_BYTES`: largest accepted request body in bytes (413 above).
     pub max_body_bytes: usize,
-    /// A generation ends with `length` after this long.
+    /// `REQUEST_TIMEOUT_SECONDS`: a generation ends with `length` after this long.
     pub request_timeout: Duration,
-    /// Most stop strings per request.
+    /// `MAX_STOP`: most stop strings per request (400 `stop` above).
     pub max_stop: usize,
-    /// Largest `n` / `best_of`.
+    /// `MAX_N`: largest `n` / `best_of` (400 `n` / `best_of` above).
     pub max_n: usize,
+    /// `MAX_PROMPT_TOKENS`: most tokens in one prompt (400 `context_length_exceeded` above); `None`: the model's
+    /// context length is the only bound.
+    pub max_prompt_tokens: Option<usize>,
+    /// `MAX_COMPLETION_TOKENS`: largest `max_tokens` / `max_completion_tokens` (400 naming the field above), and
+    /// the cap of their defaults; `None`: the model's context length is the only bound.
+    pub max_completion_tokens: Option<usize>,
     /// Interval of SSE keep-alive comments.
     pub keep_alive: Duration,
 }
+
+/// Default `MAX_STOP` (OpenAI's limit).
+pub const DEFAULT_MAX_STOP: usize = 4;
+/// Default `MAX_N`.
+pub const DEFAULT_MAX_N: usize = 16;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(300),
-            max_stop: 4,
-            max_n: 16,
+            max_stop: DEFAULT_MAX_STOP,
+            max_n: DEFAULT_MAX_N,
+            max_prompt_tokens: None,
+            max_completion_tokens: None,
             keep_alive: Duration::from_secs(3),
         }
     }

@@ -2,7 +2,8 @@
 
 use super::error::ApiError;
 use super::{AppState, Deadline};
-use crate::core::{validate::check_context, Generation, GenerationRequest, SamplingParams};
+use crate::core::validate::{check_completion_limit, check_context, check_prompt_limit};
+use crate::core::{Generation, GenerationRequest, SamplingParams, ValidationError};
 use crate::engine::worker::{JobEvent, JobEvents, QueueFull};
 use crate::keys::{AuthError, AuthorizedKey};
 use crate::openai::Stop;
@@ -50,11 +51,16 @@ pub fn stops(stop: Option<Stop>, max: usize) -> Result<Vec<String>, ApiError> {
     Ok(list.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
-/// `max_tokens` ≥ 0, or the default.
-pub fn max_tokens(param: &str, v: Option<i64>, default: usize) -> Result<usize, ApiError> {
+/// `max_tokens` in 0..=`cap` (`MAX_COMPLETION_TOKENS`; `None`: no cap but the context), or the default (capped).
+pub fn max_tokens(param: &str, v: Option<i64>, default: usize, cap: Option<usize>) -> Result<usize, ApiError> {
+    let cap = cap.unwrap_or(usize::MAX);
     match v {
-        None => Ok(default),
-        Some(n) if n >= 0 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        None => Ok(default.min(cap)),
+        Some(n) if n >= 0 => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            check_completion_limit(param, n, cap)?;
+            Ok(n)
+        }
         Some(n) => Err(ApiError::invalid(param, format!("`{param}` must be >= 0, got {n}"))),
     }
 }
@@ -76,7 +82,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Checks each prompt against the context and expands to `prompts × per_prompt` requests, prompt-major.
+    /// Checks each prompt against `MAX_PROMPT_TOKENS` and the context, and expands to `prompts × per_prompt`
+    /// requests, prompt-major.
     ///
     /// Choice `i` of a seeded request uses `seed + i`, so choices differ yet the whole response is reproducible.
     pub fn requests(
@@ -85,24 +92,30 @@ impl Plan {
         param: &str,
         platform: Option<Deadline>,
     ) -> Result<Vec<GenerationRequest>, ApiError> {
-        let own = Instant::now() + state.limits.request_timeout;
-        let deadline = platform.map_or(own, |Deadline(d)| d.min(own));
+        // Checked: a `REQUEST_TIMEOUT_SECONDS` past what `Instant` can hold means no timeout, not a panic.
+        let own = Instant::now().checked_add(state.limits.request_timeout);
+        let deadline = [own, platform.map(|Deadline(d)| d)].into_iter().flatten().min();
         let mut out = Vec::with_capacity(self.prompts.len() * self.per_prompt);
+        // Errors about "the prompt" name the request field that carried it (`prompt` or `messages`).
+        let named = |e: ValidationError| {
+            let mut e = ApiError::from(e);
+            if e.param.as_deref() == Some("prompt") {
+                e.param = Some(param.to_owned());
+            }
+            e
+        };
         for prompt in &self.prompts {
-            check_context(prompt.len(), self.max_tokens, state.model.context_length).map_err(|e| {
-                let mut e = ApiError::from(e);
-                if e.param.as_deref() == Some("prompt") {
-                    e.param = Some(param.to_owned());
-                }
-                e
-            })?;
+            if let Some(max) = state.limits.max_prompt_tokens {
+                check_prompt_limit(prompt.len(), max).map_err(named)?;
+            }
+            check_context(prompt.len(), self.max_tokens, state.model.context_length).map_err(named)?;
             for i in 0..self.per_prompt {
                 let mut sampling = self.sampling.clone();
                 sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
                 let mut req = GenerationRequest::new(prompt.clone(), self.max_tokens, sampling);
                 req.stop = self.stop.clone();
                 req.logprobs = self.logprobs;
-                req.deadline = Some(deadline);
+                req.deadline = deadline;
                 out.push(req);
             }
         }

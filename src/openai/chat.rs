@@ -59,13 +59,13 @@ pub struct ChatCompletionRequest {
     pub temperature: Option<f64>,
     /// (0, 1].
     pub top_p: Option<f64>,
-    /// Choices, 1–16.
+    /// Choices, 1–`MAX_N` (16 unless configured).
     pub n: Option<i64>,
     /// Stream `chat.completion.chunk` events.
     pub stream: Option<bool>,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Up to 4 stop strings.
+    /// Up to `MAX_STOP` stop strings (4 unless configured).
     pub stop: Option<Stop>,
     /// −2–2.
     pub presence_penalty: Option<f64>,

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 pub enum Stop {
     /// A single stop string.
     One(String),
-    /// Up to four stop strings.
+    /// Several stop strings (at most `MAX_STOP`).
     Many(Vec<String>),
 }
 

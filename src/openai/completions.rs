@@ -32,7 +32,7 @@ pub struct CompletionRequest {
     pub temperature: Option<f64>,
     /// Nucleus mass, (0, 1] (default 1).
     pub top_p: Option<f64>,
-    /// Choices per prompt, 1–16 (default 1).
+    /// Choices per prompt, 1–`MAX_N` (16 unless configured; default 1).
     pub n: Option<i64>,
     /// Stream server-sent events.
     pub stream: Option<bool>,
@@ -42,7 +42,7 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     /// Return the prompt before the completion.
     pub echo: Option<bool>,
-    /// Up to 4 stop strings.
+    /// Up to `MAX_STOP` stop strings (4 unless configured).
     pub stop: Option<Stop>,
     /// −2–2.
     pub presence_penalty: Option<f64>,
