@@ -165,6 +165,13 @@ fn a_growing_chat_reuses_its_prefix_and_generates_exactly_what_it_would_alone() 
     assert_eq!(again.usage.cached_tokens, turn2.prompt.len() - 1);
     assert_eq!(again.token_ids, expected.token_ids);
 
+    // Another API key (cache scope) sending the very same prompt reuses nothing: the cache is per key.
+    let mut other_key = turn2.clone();
+    other_key.cache_scope = 99;
+    let theirs = run_batched(&mut engine, &other_key);
+    assert_eq!(theirs.usage.cached_tokens, 0);
+    assert_eq!(theirs.token_ids, expected.token_ids);
+
     // Another system prompt shares only the template's first tokens (too short to reuse).
     let other = greedy(chat(&engine, &[("system", "Be terse."), ("user", "Hi")]), 8);
     let g = run_batched(&mut engine, &other);

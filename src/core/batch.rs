@@ -18,9 +18,9 @@ pub trait BatchModel {
     fn has_room(&self, capacity: usize) -> bool;
 
     /// Starts a sequence of at most `capacity` tokens and processes `prompt`, reusing the state of a cached prefix
-    /// when the model holds one. Returns the new id and how many prompt tokens came from the cache; the next-token
-    /// logits are then at [`BatchModel::logits`].
-    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError>;
+    /// of the same `scope` when the model holds one. Returns the new id and how many prompt tokens came from the
+    /// cache; the next-token logits are then at [`BatchModel::logits`].
+    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64) -> Result<(SeqId, usize), ModelError>;
 
     /// Appends one token to each listed sequence, all in one batched step.
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError>;
@@ -39,8 +39,8 @@ impl<M: BatchModel + ?Sized> BatchModel for &mut M {
     fn has_room(&self, capacity: usize) -> bool {
         (**self).has_room(capacity)
     }
-    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError> {
-        (**self).start(prompt, capacity)
+    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64) -> Result<(SeqId, usize), ModelError> {
+        (**self).start(prompt, capacity, scope)
     }
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
         (**self).step(feeds)
@@ -110,7 +110,7 @@ impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
             Ok(seq) => seq,
             Err(e) => return listener.done(Err(e)),
         };
-        let (id, cached) = match self.model.start(seq.prompt(), seq.capacity()) {
+        let (id, cached) = match self.model.start(seq.prompt(), seq.capacity(), seq.cache_scope()) {
             Ok(started) => started,
             Err(e) => return listener.done(Err(e)),
         };
@@ -212,7 +212,7 @@ impl<M: Model> BatchModel for OneAtATime<M> {
     fn has_room(&self, _: usize) -> bool {
         self.current.is_none()
     }
-    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError> {
+    fn start(&mut self, prompt: &[u32], capacity: usize, _: u64) -> Result<(SeqId, usize), ModelError> {
         self.next += 1;
         self.current = Some(self.next);
         let r = self.model.reset(capacity).and_then(|()| {

@@ -64,7 +64,7 @@ impl BatchModel for Many {
     fn has_room(&self, _: usize) -> bool {
         true
     }
-    fn start(&mut self, prompt: &[u32], _: usize) -> Result<(SeqId, usize), ModelError> {
+    fn start(&mut self, prompt: &[u32], _: usize, _: u64) -> Result<(SeqId, usize), ModelError> {
         self.next_id += 1;
         let mut logits = Vec::new();
         next_logits(prompt, &mut logits);

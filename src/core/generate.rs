@@ -23,6 +23,9 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     /// Generation ends with `length` when this instant passes (request deadline, Lambda time left).
     pub deadline: Option<Instant>,
+    /// Prefix-cache partition (the API key): a prompt reuses only state computed for the same scope, so nobody can
+    /// learn from `cached_tokens` or timing what another key sent.
+    pub cache_scope: u64,
 }
 
 impl GenerationRequest {
@@ -36,6 +39,7 @@ impl GenerationRequest {
             stop_token_ids: Vec::new(),
             logprobs: None,
             deadline: None,
+            cache_scope: 0,
         }
     }
 }

@@ -87,6 +87,11 @@ impl Sequence {
         &self.req.prompt
     }
 
+    /// The prefix-cache partition of this sequence.
+    pub fn cache_scope(&self) -> u64 {
+        self.req.cache_scope
+    }
+
     /// Tokens the model must hold for this sequence (prompt + generated, at most the context length).
     pub fn capacity(&self) -> usize {
         (self.req.prompt.len() + self.req.max_tokens).min(self.context)

@@ -115,12 +115,14 @@ impl KvBuffers {
 
 /// A finished sequence's tokens and state.
 struct Entry {
+    scope: u64,
     tokens: Vec<u32>,
     state: Vec<f32>,
     last_used: u64,
 }
 
-/// Finished sequences' states, reused by prompts that start with the same tokens; least recently used go first.
+/// Finished sequences' states, reused by prompts of the same scope (API key) that start with the same tokens; least
+/// recently used go first.
 pub struct PrefixCache {
     entries: Vec<Entry>,
     budget: usize,
@@ -160,12 +162,13 @@ impl PrefixCache {
 
     /// The longest cached prefix of `prompt`, leaving at least its last token to compute (the model must produce
     /// logits for it): `(state, length)`.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(&[f32], usize)> {
+    pub fn lookup(&mut self, scope: u64, prompt: &[u32]) -> Option<(&[f32], usize)> {
         let limit = prompt.len().saturating_sub(1);
         let (best, len) = self
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.scope == scope)
             .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit)))
             .max_by_key(|&(_, len)| len)?;
         if len < MIN_PREFIX {
@@ -178,17 +181,22 @@ impl PrefixCache {
     }
 
     /// Keeps the state of `tokens`; entries it extends are dropped, then the least recently used until it fits.
-    pub fn insert(&mut self, tokens: Vec<u32>, state: Vec<f32>) {
+    pub fn insert(&mut self, scope: u64, tokens: Vec<u32>, state: Vec<f32>) {
         if tokens.len() < MIN_PREFIX || state.len() > self.budget {
             return;
         }
         self.clock += 1;
-        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens.starts_with(&tokens)) {
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.scope == scope && e.tokens.starts_with(&tokens))
+        {
             e.last_used = self.clock; // already covered by a longer entry
             return;
         }
         let before = self.entries.len();
-        self.entries.retain(|e| !tokens.starts_with(&e.tokens));
+        self.entries
+            .retain(|e| e.scope != scope || !tokens.starts_with(&e.tokens));
         if self.entries.len() != before {
             self.used = self.entries.iter().map(|e| e.state.len()).sum();
         }
@@ -200,6 +208,7 @@ impl PrefixCache {
         }
         self.used += state.len();
         self.entries.push(Entry {
+            scope,
             tokens,
             state,
             last_used: self.clock,
@@ -251,20 +260,22 @@ mod tests {
     fn the_prefix_cache_finds_the_longest_prefix_and_evicts_the_least_recently_used() {
         let per = L.floats_per_token();
         let mut c = PrefixCache::new(20 * per);
-        c.insert(vec![1, 2, 3, 4, 5, 6], vec![0.0; 6 * per]);
-        c.insert(vec![1, 2, 3, 4, 9, 9, 9, 9], vec![1.0; 8 * per]);
-        assert_eq!(c.lookup(&[1, 2, 3, 4, 5, 6, 7]).map(|(_, n)| n), Some(6));
+        c.insert(7, vec![1, 2, 3, 4, 5, 6], vec![0.0; 6 * per]);
+        c.insert(7, vec![1, 2, 3, 4, 9, 9, 9, 9], vec![1.0; 8 * per]);
+        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 5, 6, 7]).map(|(_, n)| n), Some(6));
         // At least one token is left to compute, and short matches are not worth it.
-        assert_eq!(c.lookup(&[1, 2, 3, 4, 5, 6]).map(|(_, n)| n), Some(5));
-        assert_eq!(c.lookup(&[1, 2, 3, 7, 7]), None);
+        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 5, 6]).map(|(_, n)| n), Some(5));
+        assert_eq!(c.lookup(7, &[1, 2, 3, 7, 7]), None);
         // A growing chat: the longer sequence replaces the one it extends.
-        c.insert(vec![1, 2, 3, 4, 5, 6, 7, 8], vec![2.0; 8 * per]);
+        c.insert(7, vec![1, 2, 3, 4, 5, 6, 7, 8], vec![2.0; 8 * per]);
         assert_eq!(c.used(), 16 * per);
         // Over budget: the least recently used ([1,2,3,4,9,…]) goes.
-        c.insert(vec![5, 5, 5, 5, 5], vec![3.0; 5 * per]);
+        c.insert(7, vec![5, 5, 5, 5, 5], vec![3.0; 5 * per]);
         assert_eq!(c.used(), 13 * per);
-        assert_eq!(c.lookup(&[1, 2, 3, 4, 9, 9, 9, 9, 1]).map(|(_, n)| n), Some(4));
-        assert_eq!(c.lookup(&[5, 5, 5, 5, 5, 1]).map(|(_, n)| n), Some(5));
+        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 9, 9, 9, 9, 1]).map(|(_, n)| n), Some(4));
+        assert_eq!(c.lookup(7, &[5, 5, 5, 5, 5, 1]).map(|(_, n)| n), Some(5));
         assert!(!PrefixCache::new(0).enabled());
+        // Another scope (API key) never sees these entries.
+        assert_eq!(c.lookup(8, &[5, 5, 5, 5, 5, 1]), None);
     }
 }

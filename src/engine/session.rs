@@ -58,6 +58,8 @@ struct Names {
 /// A running sequence: its row in the KV buffers is its index in `OnnxModel::rows`.
 struct Row {
     id: SeqId,
+    /// Prefix-cache partition.
+    scope: u64,
     len: usize,
     /// Every token fed (kept for the prefix cache only).
     tokens: Vec<u32>,
@@ -304,6 +306,7 @@ impl Model for OnnxModel {
         self.ensure(1, capacity.max(1))?;
         self.rows.push(Row {
             id: SINGLE,
+            scope: 0,
             len: 0,
             tokens: Vec::new(),
         });
@@ -333,7 +336,7 @@ impl BatchModel for OnnxModel {
         self.rows.len() < self.max_batch && self.kv_bytes(slots, capacity) <= KV_BUDGET_BYTES
     }
 
-    fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(SeqId, usize), ModelError> {
+    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64) -> Result<(SeqId, usize), ModelError> {
         if prompt.len() > capacity {
             return Err(ModelError::CapacityExceeded {
                 requested: prompt.len(),
@@ -354,7 +357,7 @@ impl BatchModel for OnnxModel {
         let r = self.rows.len();
         self.next_id += 1;
         let id = self.next_id;
-        let cached = match self.prefix.lookup(prompt) {
+        let cached = match self.prefix.lookup(scope, prompt) {
             Some((state, len)) => {
                 self.kv.load(r, state, len);
                 len
@@ -363,6 +366,7 @@ impl BatchModel for OnnxModel {
         };
         self.rows.push(Row {
             id,
+            scope,
             len: cached,
             tokens: if self.prefix.enabled() {
                 prompt.to_vec()
@@ -435,7 +439,7 @@ impl BatchModel for OnnxModel {
             let len = row.len.min(row.tokens.len());
             let state = self.kv.save(r, len);
             let tokens = row.tokens[..len].to_vec();
-            self.prefix.insert(tokens, state);
+            self.prefix.insert(row.scope, tokens, state);
         }
         let last = self.rows.len() - 1;
         if r != last {

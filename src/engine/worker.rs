@@ -243,7 +243,7 @@ mod tests {
         fn has_room(&self, _: usize) -> bool {
             true
         }
-        fn start(&mut self, _: &[u32], _: usize) -> Result<(SeqId, usize), ModelError> {
+        fn start(&mut self, _: &[u32], _: usize, _: u64) -> Result<(SeqId, usize), ModelError> {
             self.next += 1;
             self.running.push(self.next);
             Ok((self.next, 0))

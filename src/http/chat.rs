@@ -82,7 +82,7 @@ pub async fn create(
         per_prompt: n,
         logprobs: top,
     };
-    let requests = plan.requests(&state, "messages", deadline.map(|Extension(d)| d))?;
+    let requests = plan.requests(&state, &key, "messages", deadline.map(|Extension(d)| d))?;
     let jobs = params::submit(&state, requests)?;
     let base = ResponseMeta::new(&state, "chatcmpl-", model);
     if req.stream.unwrap_or(false) {

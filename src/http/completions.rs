@@ -79,7 +79,7 @@ pub async fn create(
         // best_of ranks candidates by their summed logprob, so it needs the chosen tokens' logprobs.
         logprobs: logprobs.or((best_of > n).then_some(0)),
     };
-    let requests = plan.requests(&state, "prompt", deadline.map(|Extension(d)| d))?;
+    let requests = plan.requests(&state, &key, "prompt", deadline.map(|Extension(d)| d))?;
     let echoes: Vec<String> = if echo {
         plan.prompts
             .iter()

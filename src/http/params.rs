@@ -89,9 +89,11 @@ impl Plan {
     pub fn requests(
         &self,
         state: &AppState,
+        key: &AuthorizedKey,
         param: &str,
         platform: Option<Deadline>,
     ) -> Result<Vec<GenerationRequest>, ApiError> {
+        let scope = cache_scope(key);
         // Checked: a `REQUEST_TIMEOUT_SECONDS` past what `Instant` can hold means no timeout, not a panic.
         let own = Instant::now().checked_add(state.limits.request_timeout);
         let deadline = [own, platform.map(|Deadline(d)| d)].into_iter().flatten().min();
@@ -116,11 +118,21 @@ impl Plan {
                 req.stop = self.stop.clone();
                 req.logprobs = self.logprobs;
                 req.deadline = deadline;
+                req.cache_scope = scope;
                 out.push(req);
             }
         }
         Ok(out)
     }
+}
+
+/// The prefix-cache partition of `key`: prompts reuse only state computed for the same key.
+fn cache_scope(key: &AuthorizedKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same id maps to the same scope for the life of the process.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.id.hash(&mut h);
+    h.finish()
 }
 
 /// Queues a job; a full queue is 503 with `Retry-After`.
