@@ -45,13 +45,24 @@ def _send_all(server, reqs) -> dict:
         local, bad = Counter(), []
         with httpx.Client(base_url=server.base_url, timeout=120,
                           limits=httpx.Limits(max_keepalive_connections=1, max_connections=1)) as c:
+            prev = None
             for r in part:
                 try:
-                    resp = c.request(r.method, r.path, headers=r.headers, content=r.body)
+                    try:
+                        resp = c.request(r.method, r.path, headers=r.headers, content=r.body)
+                    except httpx.RemoteProtocolError:
+                        if prev is None or prev.status_code not in (404, 405) or "connection" in prev.headers:
+                            raise
+                        # BUG (see test_early_404_405_say_connection_close): the previous 404/405 was sent before
+                        # its body was read and the server dropped the connection without `Connection: close`.
+                        local["known bug: connection dropped after an early 404/405"] += 1
+                        resp = c.request(r.method, r.path, headers=r.headers, content=r.body)
                 except Exception as e:  # noqa: BLE001 - every failure is counted and reported
                     local["transport errors"] += 1
                     bad.append(f"{r.kind} {r.method} {r.path}: transport error {e!r}")
+                    prev = None
                     continue
+                prev = resp
                 local["tried"] += 1
                 local[f"status {resp.status_code}"] += 1
                 s = resp.status_code
@@ -84,7 +95,7 @@ def _send_all(server, reqs) -> dict:
     return {"stats": stats, "problems": problems}
 
 
-def _raw(host: str, port: int, chunks: list[bytes], timeout: float = 60) -> tuple[int | None, dict, bytes]:
+def _raw(host: str, port: int, chunks: list[bytes], timeout: float = 10) -> tuple[int | None, dict, bytes]:
     """Sends `chunks` on a fresh connection (writing on a thread: the server may answer before it read it all)."""
     s = socket.create_connection((host, port), timeout=timeout)
     err = []
@@ -150,6 +161,8 @@ def test_ten_thousand_hostile_requests(server):
     add("hostile: non-envelope responses", stats["non-envelope"])
     add("hostile: 2xx answers", sum(v for k, v in stats.items() if k.startswith("status 2")))
     add("hostile: codec-level rejections (no router, no body)", stats["codec-level rejections"])
+    add("hostile: known bug, keep-alive connection dropped after 404/405",
+        stats["known bug: connection dropped after an early 404/405"])
     add("hostile: known bug, non-envelope 400 on /v1/models/%ff", stats[
         "known bug: non-envelope 400 for an undecodable /v1/models/{id}"])
     print(f"\nhostile: {len(reqs)} requests in {elapsed:.1f}s ({len(reqs) / elapsed:.0f}/s); kinds {dict(kinds)}; "
@@ -203,6 +216,29 @@ def test_undecodable_model_id_is_an_envelope(server):
     assert envelope_problem(r.status_code, r.headers, r.content) is None, (r.headers.get("content-type"), r.text)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: an early 404/405 drops the keep-alive connection without saying so")
+@pytest.mark.parametrize("method, path", [("PUT", "/v1/completions"), ("POST", "/no/such/route")])
+def test_early_404_405_say_connection_close(server, method, path):
+    """A 404/405 answered before the request body arrived: the server then closes the connection (the unread body
+    would be taken for the next request), so it must say `Connection: close`, as 401 and 413 do; else a keep-alive
+    client sends its next request into a closing connection and loses it."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.key}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n".encode())
+    time.sleep(0.1)
+    s.sendall(b"{}")
+    time.sleep(0.2)
+    head = s.recv(65536).split(b"\r\n\r\n")[0].decode().lower()
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)
+        answered = s.recv(65536).startswith(b"HTTP/1.1 200")
+    except OSError:
+        answered = False
+    s.close()
+    assert answered or "connection: close" in head, head
+
+
 def test_ten_mb_body_is_413_envelope(server):
     body = json.dumps({"model": MODEL_ID, "prompt": "a" * (10 * 1024 * 1024), "max_tokens": 1}).encode()
     status, hdrs, raw = _raw("127.0.0.1", server.port, [
@@ -250,7 +286,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(server, tmp_path
     cmd = [str(exe), "run", f"{server.base_url}/openapi.json", "-H", f"Authorization: Bearer {server.key}",
            "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance,"
                        "status_code_conformance",
-           "--max-examples", "200" if SOAK else "25", "--max-time", "600" if SOAK else "45", "--seed", "20261128",
+           "--max-examples", "200" if SOAK else "25", "--max-time", "600" if SOAK else "30", "--seed", "20261128",
            "--workers", "2", "--request-timeout", "30", "--generation-database", "none", "--no-color",
            "--continue-on-failure", "--output-truncate", "false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900,
