@@ -4,8 +4,8 @@ NEEDS THAT BRANCH: against a binary without these variables every test here fail
 `make test-hardening` leaves this file out (`--ignore`) until the branch is merged; then drop the `--ignore`.
 
 Each limit is set small and must be enforced with a 400 `invalid_request_error` in the OpenAI envelope whose `param`
-names the field and whose message names the limit, while a request at the limit is accepted. Where the branch's
-documented error differs (code, param), adjust the `expect_400` arguments — nothing else depends on them.
+names the field and whose message names the limit (MAX_PROMPT_TOKENS with code `context_length_exceeded` and param
+`prompt`/`messages`), while a request at the limit is accepted — as that branch documents them in `http::Limits`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def client(limited):
         yield c
 
 
-def expect_400(r: httpx.Response, params: tuple[str, ...], limit: int) -> None:
-    err = assert_envelope(r, 400, kind="invalid_request_error")
+def expect_400(r: httpx.Response, params: tuple[str, ...], limit: int, code=...) -> None:
+    err = assert_envelope(r, 400, kind="invalid_request_error", code=code)
     assert err["param"] in params, err
     assert str(limit) in err["message"], err
 
@@ -78,10 +78,10 @@ def test_max_prompt_tokens(client):
     assert ok.status_code == 200, ok.text
     long = " ".join(["word"] * (MAX_PROMPT_TOKENS * 2))
     r = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": long, "max_tokens": 1})
-    expect_400(r, ("prompt",), MAX_PROMPT_TOKENS)
+    expect_400(r, ("prompt",), MAX_PROMPT_TOKENS, code="context_length_exceeded")
     r = client.post("/v1/chat/completions", json={"model": MODEL_ID, "max_tokens": 1,
                                                   "messages": [{"role": "user", "content": long}]})
-    expect_400(r, ("messages",), MAX_PROMPT_TOKENS)
+    expect_400(r, ("messages",), MAX_PROMPT_TOKENS, code="context_length_exceeded")
     add("limits (new): MAX_PROMPT_TOKENS enforced")
 
 
