@@ -78,6 +78,7 @@ def test_rotation_under_load(aws, tmp_path_factory):
     for t in threads:
         t.start()
     removed_probe: list[tuple[str, int]] = []
+    window: list[int] = []
     try:
         current = [first]
         for n in range(1, ROTATIONS + 1):
@@ -91,7 +92,13 @@ def test_rotation_under_load(aws, tmp_path_factory):
             ring.removed[old] = time.monotonic()  # stop using it *before* the put: it is not valid after
             current = [new]
             aws.put_keys([key_entry(ids[k], k) for k in current])  # remove A
-            time.sleep(TTL + MARGIN)
+            removed_at = time.monotonic()
+            # Inside the TTL window the removed key may still work (200) or already be refused (401); nothing else.
+            while time.monotonic() < removed_at + TTL:
+                r = httpx.post(fn.base_url + "/v1/completions", headers={"Authorization": f"Bearer {old}"},
+                               timeout=60, json={"model": MODEL_ID, "prompt": "Hello", "max_tokens": 1})
+                window.append(r.status_code)
+            time.sleep(max(0.0, removed_at + TTL + MARGIN - time.monotonic()))
             # Past TTL + margin the removed key is refused (a direct call, beside the load).
             r = httpx.post(fn.base_url + "/v1/completions", headers={"Authorization": f"Bearer {old}"}, timeout=60,
                            json={"model": MODEL_ID, "prompt": "Hello", "max_tokens": 1})
@@ -126,8 +133,11 @@ def test_rotation_under_load(aws, tmp_path_factory):
     add("rotation: failed calls with a valid key", len(failed))
     add("rotation: rotations (add + remove)", ROTATIONS)
     add("rotation: removed keys refused after TTL", sum(1 for _, s in removed_probe if s == 401))
+    add("rotation: removed key inside the TTL window, accepted", window.count(200))
+    add("rotation: removed key inside the TTL window, refused", window.count(401))
     print(f"\nrotation: {len(calls)} calls, {must} with a valid key, failed {failed[:5]}; in the TTL window "
           f"{grace_ok} accepted / {grace_refused} refused; removed-key probes {removed_probe}")
     assert must >= 20 * ROTATIONS // 2, "too few calls to say anything"
     assert not failed, failed[:10]
     assert all(s == 401 for _, s in removed_probe), removed_probe
+    assert set(window) <= {200, 401}, window
