@@ -22,19 +22,23 @@ INFRA_REQS  := infra/requirements.txt
 INFRA_VENV  := $(CACHE)/infra-$(shell cat $(INFRA_REQS) | sha256sum | cut -c1-12)
 E2E_REQS    := tests/lambda_e2e/requirements.txt
 E2E_VENV    := $(CACHE)/lambda-e2e-$(shell cat $(E2E_REQS) | sha256sum | cut -c1-12)
+HARD_REQS   := tests/hardening/requirements.txt
+HARD_VENV   := $(CACHE)/hardening-$(shell cat $(HARD_REQS) | sha256sum | cut -c1-12)
 
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export LAMBDA_LLM_ARTIFACT_DIR := $(ARTIFACT)
 # The Rust tests that need AWS services start this moto server themselves (tests/support/moto.rs).
 export MOTO_SERVER := $(INFRA_VENV)/bin/moto_server
 
-.PHONY: help setup run test test-rust test-python test-clients test-lambda test-infra check-template lambda bench fuzz clean-cache
+.PHONY: help setup run test test-rust test-python test-clients test-lambda test-infra test-hardening soak check-template \
+	lambda bench fuzz clean-cache
 
 help:
 	@echo "make run    build and serve the OpenAI-compatible API on 127.0.0.1:3000 (prints a dev key and a curl line)"
 	@echo "make test   set up (cached) and run every test"
 	@echo "make bench  compare this engine with llama.cpp on the same weights"
 	@echo "make fuzz   the request parser and validator under libFuzzer for FUZZ_SECONDS (default 60)"
+	@echo "make soak   the long hardening runs (100k hostile requests, 5 min of 50 streams, ...) and make fuzz"
 
 ## setup: Python venv (pinned), ONNX Runtime library from the PyPI wheel, the model artifact. Idempotent.
 setup: $(VENV)/.ok $(INFRA_VENV)/.ok $(ORT_LIB) $(ARTIFACT)/manifest.json
@@ -63,7 +67,7 @@ run: setup
 	cargo build --release --locked
 	$(CARGO_TARGET_DIR)/release/lambda-llm serve --dev-key
 
-test: setup test-rust test-python test-clients test-lambda test-infra check-template
+test: setup test-rust test-python test-clients test-lambda test-infra test-hardening check-template
 
 test-rust:
 	cargo fmt --all -- --check
@@ -102,6 +106,26 @@ test-lambda: $(E2E_VENV)/.ok lambda
 $(E2E_VENV)/.ok:
 	rm -rf $(E2E_VENV) && $(PYTHON) -m venv $(E2E_VENV)
 	$(E2E_VENV)/bin/python -m pip install --quiet -r $(E2E_REQS)
+	touch $@
+
+# Hardening (issue 7): hostile input, key attacks, rotation under load, faults, limits — on the debug binaries that
+# `cargo test` just built (lambda-llm, http-function), moto and the cargo-lambda Runtime API emulator from the infra
+# venv. Figures are printed at the end.
+HARDENING = cd tests/hardening && CARGO_LAMBDA_BIN=$(INFRA_VENV)/bin PYTHONDONTWRITEBYTECODE=1 \
+	$(HARD_VENV)/bin/python -m pytest -q -s .
+test-hardening: $(HARD_VENV)/.ok $(INFRA_VENV)/.ok
+	cargo build --locked --bins
+	$(HARDENING)
+
+# The long variants: 100k hostile requests, 5 minutes of 50 streams with RSS sampled, ...; then the fuzzer.
+soak: setup $(HARD_VENV)/.ok
+	cargo build --locked --bins
+	HARDENING_SOAK=1 $(HARDENING)
+	$(MAKE) fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-600}
+
+$(HARD_VENV)/.ok:
+	rm -rf $(HARD_VENV) && $(PYTHON) -m venv $(HARD_VENV)
+	$(HARD_VENV)/bin/python -m pip install --quiet -r $(HARD_REQS)
 	touch $@
 
 test-infra: $(INFRA_VENV)/.ok

@@ -411,6 +411,25 @@ async fn malformed_bodies_unknown_routes_methods_and_models() {
     send(app(), "DELETE", "/health", None, None)
         .await
         .error(StatusCode::METHOD_NOT_ALLOWED);
+    // Answered without reading an announced body: the connection closes, and the answer says so.
+    for (method, path, status) in [
+        ("PUT", "/v1/completions", StatusCode::METHOD_NOT_ALLOWED),
+        ("POST", "/no/such/route", StatusCode::NOT_FOUND),
+        ("GET", "/v1/models", StatusCode::OK),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(header::CONTENT_LENGTH, "2")
+            .body(Body::from("{}"))
+            .unwrap();
+        let resp = app().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), status, "{method} {path}");
+        assert_eq!(resp.headers()[header::CONNECTION], "close", "{method} {path}");
+    }
+    let r = send(app(), "GET", "/v1/nothing", Some(KEY), None).await;
+    assert!(r.headers.get(header::CONNECTION).is_none(), "no body, keep-alive stays");
     let huge = vec![b' '; 2 << 20];
     send(app(), "POST", "/v1/completions", Some(KEY), Some(huge))
         .await
@@ -476,6 +495,17 @@ async fn models_tokenize_detokenize_and_openapi() {
             "{path} missing from the OpenAPI document"
         );
     }
+    // Every keyed route documents the key, rate-limit and availability errors; body-taking ones the body limit.
+    let completions = &spec["paths"]["/v1/completions"]["post"]["responses"];
+    for code in ["200", "401", "413", "429", "503"] {
+        assert!(completions.get(code).is_some(), "/v1/completions lacks {code}");
+    }
+    assert!(spec["paths"]["/v1/models"]["get"]["responses"].get("401").is_some());
+    assert!(spec["paths"]["/tokenize"]["post"]["responses"].get("404").is_some());
+    assert!(
+        spec["paths"]["/health"]["get"]["responses"].get("401").is_none(),
+        "health needs no key"
+    );
 }
 
 #[tokio::test]

@@ -63,7 +63,8 @@ fn check_model(state: &AppState, model: Option<&str>, key: &AuthorizedKey) -> Re
 
 /// Token ids of a prompt, or of chat messages rendered with the chat template.
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest,
-    responses((status = 200, body = TokenizeResponse), (status = 400, body = crate::openai::ErrorResponse)),
+    responses((status = 200, body = TokenizeResponse), (status = 400, body = crate::openai::ErrorResponse),
+              (status = 404, description = "Unknown model", body = crate::openai::ErrorResponse)),
     security(("api_key" = [])))]
 pub async fn tokenize(
     State(state): State<AppState>,
@@ -101,7 +102,8 @@ pub async fn tokenize(
 
 /// Text of token ids (special tokens included).
 #[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest,
-    responses((status = 200, body = DetokenizeResponse), (status = 400, body = crate::openai::ErrorResponse)),
+    responses((status = 200, body = DetokenizeResponse), (status = 400, body = crate::openai::ErrorResponse),
+              (status = 404, description = "Unknown model", body = crate::openai::ErrorResponse)),
     security(("api_key" = [])))]
 pub async fn detokenize(
     State(state): State<AppState>,

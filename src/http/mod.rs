@@ -14,7 +14,8 @@ use crate::engine::worker::Worker;
 use crate::engine::{ChatTemplate, TextTokenizer};
 use crate::keys::{KeyStore, RateLimiter};
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, Uri};
+use axum::http::{header, HeaderMap, Method, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Router};
 use error::ApiError;
@@ -159,16 +160,45 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(middleware::from_fn(get_with_body))
         .layer(middleware::from_fn(auth::log_request))
         .with_state(state)
 }
 
-async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::route_not_found(method.as_str(), uri.path())
+async fn not_found(method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    body_unread(&headers, ApiError::route_not_found(method.as_str(), uri.path()))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::method_not_allowed(method.as_str(), uri.path())
+async fn method_not_allowed(method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    body_unread(&headers, ApiError::method_not_allowed(method.as_str(), uri.path()))
+}
+
+/// GET and HEAD handlers never read a body: one sent anyway makes the connection close, and the answer says so.
+async fn get_with_body(req: axum::extract::Request, next: middleware::Next) -> Response {
+    let unread = matches!(*req.method(), Method::GET | Method::HEAD) && announces_body(req.headers());
+    let mut resp = next.run(req).await;
+    if unread {
+        resp.headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn announces_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+/// `e`, closing the connection when the request announced a body that nobody read (see [`auth::unread_body`]).
+fn body_unread(headers: &HeaderMap, e: ApiError) -> Response {
+    if announces_body(headers) {
+        auth::unread_body(e)
+    } else {
+        e.into_response()
+    }
 }
 
 /// A hard end for the request set by the platform (Lambda's remaining time), inserted as a request extension.
