@@ -50,7 +50,7 @@ def test_max_stop(client):
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]:
         r = client.post(path, json={"model": MODEL_ID, "max_tokens": 1, "stop": ["a"] * (MAX_STOP + 1), **body})
         expect_400(r, ("stop",), MAX_STOP)
-    add("limits (new): MAX_STOP enforced")
+    add("limits: MAX_STOP enforced")
 
 
 def test_max_n(client):
@@ -65,7 +65,7 @@ def test_max_n(client):
     r = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1, "n": 1,
                                              "best_of": MAX_N + 1})
     expect_400(r, ("best_of", "n"), MAX_N)
-    add("limits (new): MAX_N enforced")
+    add("limits: MAX_N enforced")
 
 
 def test_max_prompt_tokens(client):
@@ -79,7 +79,7 @@ def test_max_prompt_tokens(client):
     r = client.post("/v1/chat/completions", json={"model": MODEL_ID, "max_tokens": 1,
                                                   "messages": [{"role": "user", "content": long}]})
     expect_400(r, ("messages",), MAX_PROMPT_TOKENS, code="context_length_exceeded")
-    add("limits (new): MAX_PROMPT_TOKENS enforced")
+    add("limits: MAX_PROMPT_TOKENS enforced")
 
 
 def test_max_completion_tokens(client):
@@ -92,4 +92,4 @@ def test_max_completion_tokens(client):
     r = client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}],
                                                   "max_completion_tokens": MAX_COMPLETION_TOKENS + 1})
     expect_400(r, ("max_completion_tokens", "max_tokens"), MAX_COMPLETION_TOKENS)
-    add("limits (new): MAX_COMPLETION_TOKENS enforced")
+    add("limits: MAX_COMPLETION_TOKENS enforced")
