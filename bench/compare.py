@@ -4,7 +4,7 @@
         [--rounds 5] [--threads 1,2] [--new-tokens 128] [--gguf PATH] [--timeout 900]
 
 1. `lambda-llm bench --json --rounds 1` runs once (untimed for the report) to get the exact prompt ids of its two
-   prompts ("chat-short", 37 tokens with the default system prompt, and "long", 162 tokens).
+   prompts ("chat-short", a 30-token chat prompt with a short system message, and "long", 162 tokens).
 2. For each thread count, `--rounds` rounds, each running A B C in turn, every run a fresh process:
    A = `MODEL_THREADS=t lambda-llm bench --json --rounds 1`, B = llama.cpp (llama-cpp-python, the original Q4_1
    GGUF), C = the artifact's model.onnx in Python ONNX Runtime (model-artifacts/run_ort.py). B and C run in
