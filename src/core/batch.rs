@@ -77,6 +77,8 @@ pub struct Batcher<M, D> {
     decoder: D,
     max_batch: usize,
     running: Vec<Running>,
+    /// The other half of `running`'s double buffer (empty between steps).
+    spare: Vec<Running>,
     feeds: Vec<(SeqId, u32)>,
 }
 
@@ -88,6 +90,7 @@ impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
             decoder,
             max_batch: max_batch.max(1),
             running: Vec::new(),
+            spare: Vec::new(),
             feeds: Vec::new(),
         }
     }
@@ -137,12 +140,16 @@ impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
             return;
         }
         let mut ended = Vec::new();
-        for mut r in std::mem::take(&mut self.running) {
+        // Swap in the spare list (its capacity kept from earlier steps) so a step allocates nothing.
+        let mut stepped = std::mem::take(&mut self.spare);
+        std::mem::swap(&mut self.running, &mut stepped);
+        for mut r in stepped.drain(..) {
             let step = r
                 .seq
                 .advance(self.model.logits(r.id), &self.decoder, &mut |d| r.listener.delta(d));
             self.settle(r.id, r.seq, r.listener, step, &mut ended);
         }
+        self.spare = stepped;
         self.end(ended);
     }
 

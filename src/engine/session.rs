@@ -289,6 +289,16 @@ impl OnnxModel {
         self.rows.iter().position(|r| r.id == id)
     }
 
+    /// Slots the buffers need for one more sequence. A lone sequence keeps one row; once several run, room for the
+    /// whole batch is reserved at once (untouched pages cost nothing) so joining later needs no copy.
+    fn slots_with_one_more(&self) -> usize {
+        if self.rows.is_empty() {
+            1
+        } else {
+            self.max_batch.max(self.rows.len() + 1)
+        }
+    }
+
     /// KV bytes a batch of `slots` sequences of `capacity` positions reserves.
     fn kv_bytes(&self, slots: usize, capacity: usize) -> usize {
         slots * capacity * self.layout.floats_per_token() * std::mem::size_of::<f32>()
@@ -331,9 +341,8 @@ impl BatchModel for OnnxModel {
         if self.rows.iter().all(|r| r.id == SINGLE) {
             return true;
         }
-        let slots = self.max_batch.max(self.rows.len() + 1);
         let capacity = capacity.next_power_of_two().max(self.kv.capacity());
-        self.rows.len() < self.max_batch && self.kv_bytes(slots, capacity) <= KV_BUDGET_BYTES
+        self.rows.len() < self.max_batch && self.kv_bytes(self.slots_with_one_more(), capacity) <= KV_BUDGET_BYTES
     }
 
     fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64) -> Result<(SeqId, usize), ModelError> {
@@ -343,17 +352,10 @@ impl BatchModel for OnnxModel {
                 capacity,
             });
         }
-        // A lone sequence keeps one row; once several run, room for the whole batch is reserved at once (untouched
-        // pages cost nothing) so joining later needs no copy.
         if self.rows.first().is_some_and(|r| r.id == SINGLE) {
             self.rows.clear(); // what single-stream use left behind
         }
-        let slots = if self.rows.is_empty() {
-            1
-        } else {
-            self.max_batch.max(self.rows.len() + 1)
-        };
-        self.ensure(slots, capacity)?;
+        self.ensure(self.slots_with_one_more(), capacity)?;
         let r = self.rows.len();
         self.next_id += 1;
         let id = self.next_id;
@@ -414,11 +416,10 @@ impl BatchModel for OnnxModel {
         }
         self.run(0, n, 1, width)?;
         let keep_tokens = self.prefix.enabled();
-        for row in &mut self.rows {
+        for (row, &id) in self.rows.iter_mut().zip(&self.ids) {
             row.len += 1;
             if keep_tokens {
-                let tok = feeds.iter().find(|(id, _)| *id == row.id).map(|&(_, t)| t);
-                row.tokens.extend(tok);
+                row.tokens.push(id as u32); // the token written above, checked to be in the vocabulary
             }
         }
         Ok(())
