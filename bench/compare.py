@@ -223,7 +223,7 @@ def versions(a, manifest: dict) -> list[str]:
     rev = (commit or "no commit") + (" + uncommitted changes" if dirty else "")
     q = manifest.get("quantization", {})
     built = datetime.datetime.fromtimestamp(os.path.getmtime(a.binary)).strftime("%Y-%m-%d %H:%M")
-    return [f"- lambda-llm: git {rev}; binary `{a.binary}` (built {built})",
+    return [f"- lambda-llm: git {rev}; binary `{a.binary}` (built {built}); kernels: {getattr(a, 'kernels', '?')}",
             f"- model: `{a.model_dir}` (id {manifest.get('id', '?')}, {q.get('scheme', '?')}, "
             f"accuracy_level {q.get('body_accuracy_level', '?')}); llama.cpp reads `{a.gguf}`",
             f"- onnxruntime (Python) {pkg('onnxruntime')}, llama_cpp_python {pkg('llama_cpp_python')}, "
@@ -288,6 +288,7 @@ def main(argv=None) -> int:
     try:
         first = run_engine("ours", threads[0], a, [])
         prompts = first["prompts"]
+        a.kernels = first.get("kernels", "?")
         assert [p["name"] for p in prompts] == PROMPTS and all(p.get("prompt_ids") for p in prompts), first
     except (RunError, KeyError, AssertionError) as e:
         log(f"error: `{a.binary} bench --json` did not give prompt ids: {e}")

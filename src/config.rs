@@ -63,6 +63,8 @@ pub struct Config {
     pub max_batch: usize,
     /// Memory for the prefix cache in bytes (`PREFIX_CACHE_MB`; 0 disables it).
     pub prefix_cache_bytes: usize,
+    /// `KERNELS=auto|ort`: our AVX-512 Q4_1 kernel where the CPU has it (default), or ONNX Runtime's everywhere.
+    pub kernels: crate::engine::Kernels,
 }
 
 /// Requests per batch chunk by default.
@@ -114,6 +116,7 @@ impl Config {
             threads: self.threads,
             max_batch: self.max_batch,
             prefix_cache_bytes: self.prefix_cache_bytes,
+            kernels: self.kernels,
         }
     }
 
@@ -179,6 +182,17 @@ impl Config {
         let prefix_cache_bytes = number("PREFIX_CACHE_MB", 0)?
             .map_or(DEFAULT_PREFIX_CACHE_MB, size)
             .saturating_mul(1 << 20);
+        let kernels = match get("KERNELS").as_deref().map(str::trim) {
+            None | Some("auto") => crate::engine::Kernels::Auto,
+            Some("ort") => crate::engine::Kernels::Ort,
+            Some(other) => {
+                return Err(ConfigError {
+                    name: "KERNELS",
+                    value: other.into(),
+                    reason: "expected auto or ort",
+                })
+            }
+        };
         Ok(Self {
             model_dir: get("MODEL_DIR").map_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR), PathBuf::from),
             ort_dylib_path: get("ORT_DYLIB_PATH").map(PathBuf::from),
@@ -207,6 +221,7 @@ impl Config {
             max_queue,
             max_batch,
             prefix_cache_bytes,
+            kernels,
         })
     }
 }
@@ -257,6 +272,21 @@ mod tests {
         assert_eq!(c.threads, Some(2));
         assert_eq!(cfg(&[("LOG_FORMAT", "xml")]).unwrap_err().name, "LOG_FORMAT");
         assert_eq!(cfg(&[("MODEL_THREADS", "0")]).unwrap_err().name, "MODEL_THREADS");
+    }
+
+    #[test]
+    fn kernels_default_to_auto_and_can_be_pinned_to_onnx_runtime() {
+        use crate::engine::Kernels;
+        assert_eq!(cfg(&[]).unwrap().kernels, Kernels::Auto);
+        assert_eq!(
+            cfg(&[("KERNELS", "auto")]).unwrap().engine_options().kernels,
+            Kernels::Auto
+        );
+        assert_eq!(
+            cfg(&[("KERNELS", " ort ")]).unwrap().engine_options().kernels,
+            Kernels::Ort
+        );
+        assert_eq!(cfg(&[("KERNELS", "gpu")]).unwrap_err().name, "KERNELS");
     }
 
     #[test]

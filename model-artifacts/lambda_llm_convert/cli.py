@@ -33,6 +33,8 @@ DEFAULT_LM_HEAD = "rescore"
 
 MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = "model.onnx", "tokenizer.json", "manifest.json"
 WEIGHTS_FILE = MODEL_FILE + ".data"
+FAST_MODEL_FILE = "model.fast.onnx"
+FAST_WEIGHTS_FILE = FAST_MODEL_FILE + ".data"
 
 
 def default_gguf() -> str:
@@ -129,6 +131,7 @@ def convert(gguf_path: str, out_dir: str, model_id: str = DEFAULT_MODEL_ID,
     from tqdm import tqdm
 
     from .gguf_source import file_digest, load_gguf
+    from .fast import write_fast_graph
     from .graph import build_model
     from .tokenizer import tokenizer_json
 
@@ -152,6 +155,9 @@ def convert(gguf_path: str, out_dir: str, model_id: str = DEFAULT_MODEL_ID,
     del onnx_model
     manifest = build_manifest(model, model_id, accuracy_level, sha, size, lm_head)
     manifest_bytes = (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    # lambda-llm's kernel computes Q4_1 layers exactly; a body at another accuracy level stays all-ORT, and so does a
+    # graph whose Q4_1 weights are only in the embedding or an untied LM head.
+    scheme_has_q4_1 = accuracy_level == 0 and any(t.tensor_type.name == "Q4_1" for t in model.tensors.values())
 
     # Atomic publication: build every file in a temp folder inside DIR, remove the old manifest (a directory without
     # manifest.json is not an artifact), move weights, model and tokenizer into place, and the manifest last.
@@ -164,6 +170,20 @@ def convert(gguf_path: str, out_dir: str, model_id: str = DEFAULT_MODEL_ID,
         log("optimizing the graph with ONNX Runtime")
         optimize_for_runtime(raw, build)
         os.remove(raw)
+        published = [WEIGHTS_FILE, MODEL_FILE]
+        layers = 0
+        if scheme_has_q4_1:
+            log("writing model.fast.onnx (Q4_1 layers on lambda-llm's kernel)")
+            layers = write_fast_graph(os.path.join(build, MODEL_FILE), os.path.join(build, FAST_MODEL_FILE),
+                                      required=False)
+        if layers:
+            manifest["files"]["fast_model"] = FAST_MODEL_FILE
+            manifest["files"]["fast_weights"] = FAST_WEIGHTS_FILE
+            manifest["quantization"]["fast_kernel"] = (
+                f"{layers} Q4_1 layers as ai.lambda_llm.MatMulQ4_1 (exact: fp32 products of the nibbles, scales and "
+                "minimums kept as their f16 values), used by lambda-llm on CPUs with AVX-512")
+            manifest_bytes = (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+            published = [FAST_WEIGHTS_FILE, FAST_MODEL_FILE] + published
         files = [(TOKENIZER_FILE, tok_bytes), (MANIFEST_FILE, manifest_bytes)]
         for name, data in tqdm(files, desc="writing", unit="file", file=sys.stderr, disable=not show_progress):
             _write_tmp(os.path.join(build, name), data)
@@ -171,7 +191,13 @@ def convert(gguf_path: str, out_dir: str, model_id: str = DEFAULT_MODEL_ID,
             os.remove(os.path.join(out_dir, MANIFEST_FILE))
         except FileNotFoundError:
             pass
-        for name in (WEIGHTS_FILE, MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE):
+        for stale in (FAST_MODEL_FILE, FAST_WEIGHTS_FILE):  # a rebuild without Q4_1 layers must not keep them
+            if stale not in published:
+                try:
+                    os.remove(os.path.join(out_dir, stale))
+                except FileNotFoundError:
+                    pass
+        for name in published + [TOKENIZER_FILE, MANIFEST_FILE]:
             os.replace(os.path.join(build, name), os.path.join(out_dir, name))
         try:
             dfd = os.open(out_dir, os.O_RDONLY)

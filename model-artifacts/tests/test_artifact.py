@@ -11,7 +11,7 @@ from lambda_llm_convert.gguf_source import file_digest
 MANIFEST_KEYS = {"id", "architecture", "layers", "heads", "kv_heads", "head_dim", "hidden_size", "vocab_size",
                  "context_length", "rope_theta", "bos_id", "add_bos", "eos_ids", "chat_template", "quantization",
                  "source", "converter_version", "ort_version", "onnx_ir_version", "files", "graph_optimized", "io"}
-FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "manifest.json")
+FILES = ("model.onnx", "model.onnx.data", "model.fast.onnx", "model.fast.onnx.data", "tokenizer.json", "manifest.json")
 
 
 def test_manifest(artifact, gguf_path):
@@ -30,7 +30,9 @@ def test_manifest(artifact, gguf_path):
     sha, size = file_digest(gguf_path)
     assert m["source"] == {"file": os.path.basename(gguf_path), "sha256": sha, "size": size}
     assert m["converter_version"] == "0.1.0" and m["ort_version"] == "1.31.1" and m["onnx_ir_version"] == 10
-    assert m["files"] == {"model": "model.onnx", "weights": "model.onnx.data", "tokenizer": "tokenizer.json"}
+    assert m["files"] == {"model": "model.onnx", "weights": "model.onnx.data", "tokenizer": "tokenizer.json",
+                          "fast_model": "model.fast.onnx", "fast_weights": "model.fast.onnx.data"}
+    assert m["quantization"]["fast_kernel"].startswith("120 Q4_1 layers as ai.lambda_llm.MatMulQ4_1")
     assert m["graph_optimized"] is True
     assert m["io"]["past_key"] == "past_key_values.{i}.key" and m["io"]["present_value"] == "present.{i}.value"
 

@@ -72,6 +72,8 @@ struct PromptResult {
 struct Report {
     engine: &'static str,
     model: String,
+    /// Which kernels ran the linear layers (`KERNELS`, the CPU).
+    kernels: &'static str,
     threads: usize,
     load_ms: f64,
     warm_up_ms: f64,
@@ -181,6 +183,7 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
     let report = Report {
         engine: "lambda-llm (ort)",
         model: engine.manifest.id.clone(),
+        kernels: engine.model.kernels(),
         threads: engine.model.threads(),
         load_ms: engine.load_time.as_secs_f64() * 1e3,
         warm_up_ms: engine.warm_up_time.as_secs_f64() * 1e3,
@@ -196,9 +199,10 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} on {} threads: load {:.0} ms (+ warm-up {:.0} ms), peak RSS {:.0} MiB",
+            "{} on {} threads, kernels {}: load {:.0} ms (+ warm-up {:.0} ms), peak RSS {:.0} MiB",
             report.model,
             report.threads,
+            report.kernels,
             report.load_ms,
             report.warm_up_ms,
             report.peak_rss_mib.unwrap_or(f64::NAN)

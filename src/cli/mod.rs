@@ -69,6 +69,7 @@ impl ModelArgs {
             model = %engine.manifest.id,
             library = %engine.library.display(),
             threads = engine.model.threads(),
+            kernels = engine.model.kernels(),
             load_ms = engine.load_time.as_millis() as u64,
             warm_up_ms = engine.warm_up_time.as_millis() as u64,
             "model loaded"

@@ -39,6 +39,30 @@ pub struct ArtifactFiles {
     pub weights: Option<String>,
     /// The `tokenizers` JSON.
     pub tokenizer: String,
+    /// The same graph with its Q4_1 linear layers as `ai.lambda_llm.MatMulQ4_1` (our kernel), reading the packed
+    /// nibbles from `weights`.
+    #[serde(default)]
+    pub fast_model: Option<String>,
+    /// The fast graph's own tensors (each block's scale and minimum as f16).
+    #[serde(default)]
+    pub fast_weights: Option<String>,
+}
+
+impl ArtifactFiles {
+    /// The first listed file that is missing or empty in `dir` (a partial copy of an artifact).
+    pub fn first_missing(&self, dir: &Path) -> Option<&str> {
+        [
+            Some(&self.model),
+            self.weights.as_ref(),
+            Some(&self.tokenizer),
+            self.fast_model.as_ref(),
+            self.fast_weights.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .find(|f| std::fs::metadata(dir.join(f)).map_or(true, |m| !m.is_file() || m.len() == 0))
+    }
 }
 
 /// Where the weights came from.

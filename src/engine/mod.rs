@@ -2,6 +2,7 @@
 
 pub mod bind;
 pub mod chat;
+pub mod custom_op;
 pub mod kv;
 pub mod manifest;
 pub mod runtime;
@@ -11,7 +12,7 @@ pub mod worker;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use manifest::Manifest;
-pub use session::{OnnxModel, SessionOptions};
+pub use session::{Kernels, OnnxModel, SessionOptions};
 pub use tokenizer::TextTokenizer;
 
 use crate::core::ModelError;
@@ -47,6 +48,8 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// Memory for the prefix cache (`PREFIX_CACHE_MB`; 0 disables it).
     pub prefix_cache_bytes: usize,
+    /// Which kernels run the Q4_1 linear layers (`KERNELS`).
+    pub kernels: Kernels,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +60,7 @@ impl Default for EngineOptions {
             threads: None,
             max_batch: session.max_batch,
             prefix_cache_bytes: session.prefix_cache_bytes,
+            kernels: session.kernels,
         }
     }
 }
@@ -100,6 +104,7 @@ impl Engine {
             threads: options.threads,
             max_batch: options.max_batch,
             prefix_cache_bytes: options.prefix_cache_bytes,
+            kernels: options.kernels,
         };
         let mut model = OnnxModel::load(dir, manifest.clone(), env, &session_options)?;
         let (tokenizer, chat) = text_side

@@ -6,9 +6,11 @@
 //! length in the attention mask (GroupQueryAttention derives positions from it).
 
 use super::bind::{backend, c_name, Side, ViewBinding};
+use super::custom_op;
 use super::kv::{KvBuffers, KvLayout, PrefixCache};
 use super::manifest::{IoNames, Manifest};
 use crate::core::{BatchModel, Model, ModelError, ModelInfo, SeqId};
+use lambda_llm_kernels::q4_1::Isa;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use std::collections::HashMap;
@@ -34,6 +36,28 @@ pub struct SessionOptions {
     pub max_batch: usize,
     /// Memory for finished sequences' states reused by later prompts (0 disables the prefix cache).
     pub prefix_cache_bytes: usize,
+    /// Which kernels run the Q4_1 linear layers.
+    pub kernels: Kernels,
+}
+
+/// Which kernels run the Q4_1 linear layers (`KERNELS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Our AVX-512 kernel (`model.fast.onnx`) when the CPU and the artifact allow it, else ONNX Runtime's.
+    #[default]
+    Auto,
+    /// ONNX Runtime's `MatMulNBits` (`model.onnx`) everywhere.
+    Ort,
+}
+
+impl Kernels {
+    /// The graph file and, for the fast graph, the instructions of its kernel.
+    pub fn choose(self, manifest: &Manifest) -> (&str, Option<Isa>) {
+        match (self, manifest.files.fast_model.as_deref(), Isa::detect()) {
+            (Kernels::Auto, Some(fast), Isa::Avx512) => (fast, Some(Isa::Avx512)),
+            _ => (&manifest.files.model, None),
+        }
+    }
 }
 
 impl Default for SessionOptions {
@@ -42,6 +66,7 @@ impl Default for SessionOptions {
             threads: None,
             max_batch: 8,
             prefix_cache_bytes: 0,
+            kernels: Kernels::Auto,
         }
     }
 }
@@ -82,6 +107,7 @@ pub struct OnnxModel {
     max_batch: usize,
     next_id: SeqId,
     threads: usize,
+    kernels: &'static str,
 }
 
 impl OnnxModel {
@@ -96,9 +122,21 @@ impl OnnxModel {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
             .max(1);
-        let path = dir.join(&manifest.files.model);
-        let session = Session::builder(env)
-            .map_err(backend)?
+        if let Some(f) = manifest.files.first_missing(dir) {
+            return Err(ModelError::Backend(format!(
+                "model artifact {}: {f} is missing or empty (manifest.json lists it)",
+                dir.display()
+            )));
+        }
+        let (file, isa) = options.kernels.choose(&manifest);
+        let path = dir.join(file);
+        let mut builder = Session::builder(env).map_err(backend)?;
+        if let Some(isa) = isa {
+            builder = builder
+                .with_operators(custom_op::domain(isa, threads).map_err(backend)?)
+                .map_err(backend)?;
+        }
+        let session = builder
             .with_optimization_level(if manifest.graph_optimized {
                 GraphOptimizationLevel::Disable
             } else {
@@ -154,7 +192,17 @@ impl OnnxModel {
             max_batch: options.max_batch.max(1),
             next_id: 0,
             threads,
+            kernels: if isa.is_some() {
+                "lambda-llm q4_1 avx512 (model.fast.onnx)"
+            } else {
+                "onnxruntime (model.onnx)"
+            },
         })
+    }
+
+    /// Which kernels run the linear layers, and from which graph file.
+    pub fn kernels(&self) -> &'static str {
+        self.kernels
     }
 
     /// Threads the session runs with.

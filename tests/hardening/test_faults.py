@@ -97,56 +97,95 @@ def test_moto_down_on_a_cold_instance_fails_closed_then_recovers(tmp_path_factor
 # --- model missing or corrupt at start --------------------------------------------------------------------------------
 
 
-def _graph_and_weights(src: Path, d: Path) -> None:
-    """A working model.onnx + model.onnx.data in `d`: the graph copied (it is small), the weights hard-linked when the
-    file system allows (ONNX Runtime refuses weights whose real path lies outside the graph's folder, so no symlinks)."""
-    shutil.copy(src / "model.onnx", d / "model.onnx")
+def _link(src: Path, d: Path, name: str) -> None:
+    """Weights hard-linked when the file system allows (ONNX Runtime refuses weights whose real path lies outside
+    the graph's folder, so no symlinks), else copied."""
     try:
-        os.link(src / "model.onnx.data", d / "model.onnx.data")
+        os.link(src / name, d / name)
     except OSError:
-        shutil.copy(src / "model.onnx.data", d / "model.onnx.data")
+        shutil.copy(src / name, d / name)
 
 
-# name -> (how to break a copy of the artifact, a word the error must contain)
+def _graph_and_weights(src: Path, d: Path, skip: str = "") -> None:
+    """A working copy of both graphs (model.onnx and, when the artifact has it, model.fast.onnx) and their weights in
+    `d`, except the file named `skip`."""
+    for name in ("model.onnx", "model.fast.onnx"):
+        if name != skip and (src / name).exists():
+            shutil.copy(src / name, d / name)
+    for name in ("model.onnx.data", "model.fast.onnx.data"):
+        if name != skip and (src / name).exists():
+            _link(src, d, name)
+
+
+def _replace(d: Path, name: str, data: bytes) -> None:
+    """The file's content replaced in `d` (a hard link is removed first, so the artifact itself is untouched)."""
+    (d / name).unlink(missing_ok=True)
+    (d / name).write_bytes(data)
+
+
+def _break(name: str, how: str):
+    """Everything in place, then `name` missing, garbage, truncated or empty."""
+    def make(src: Path, d: Path) -> None:
+        _graph_and_weights(src, d, skip=name if how == "missing" else "")
+        if how == "garbage":
+            _replace(d, name, os.urandom(1 << 20))
+        elif how == "truncated":
+            _replace(d, name, (src / name).read_bytes()[:1 << 16] if name.endswith(".onnx") else b"\0" * 4096)
+        elif how == "empty":
+            _replace(d, name, b"")
+    return make
+
+
+# name -> (how to break a copy of the artifact, a word the error must contain, KERNELS for the server). With
+# KERNELS=ort the server loads model.onnx; by default, on a CPU with AVX-512, model.fast.onnx (the fast cases are
+# only listed when the artifact has the fast graph).
 BROKEN = [
-    ("model.onnx missing", lambda src, d: None, "model.onnx"),
-    ("model.onnx is garbage", lambda src, d: (d / "model.onnx").write_bytes(os.urandom(1 << 20)), "model.onnx"),
-    ("model.onnx truncated",
-     lambda src, d: (d / "model.onnx").write_bytes((src / "model.onnx").read_bytes()[:1 << 16]), "model.onnx"),
-    ("model.onnx empty", lambda src, d: (d / "model.onnx").write_bytes(b""), "model.onnx"),
-    ("model.onnx.data missing", lambda src, d: shutil.copy(src / "model.onnx", d / "model.onnx"), "model.onnx"),
-    ("model.onnx.data truncated", lambda src, d: (shutil.copy(src / "model.onnx", d / "model.onnx"),
-                                                  (d / "model.onnx.data").write_bytes(b"\0" * 4096)), "model"),
+    ("model.onnx missing", _break("model.onnx", "missing"), "model.onnx", "ort"),
+    ("model.onnx is garbage", _break("model.onnx", "garbage"), "model.onnx", "ort"),
+    ("model.onnx truncated", _break("model.onnx", "truncated"), "model.onnx", "ort"),
+    ("model.onnx empty", _break("model.onnx", "empty"), "model.onnx", "ort"),
+    ("model.onnx.data missing", _break("model.onnx.data", "missing"), "model.onnx", "ort"),
+    ("model.onnx.data truncated", _break("model.onnx.data", "truncated"), "model", "ort"),
     ("manifest.json corrupt", lambda src, d: (_graph_and_weights(src, d),
-                                              (d / "manifest.json").write_text('{"id": "x", "layers": ')), "manifest"),
+                                              (d / "manifest.json").write_text('{"id": "x", "layers": ')), "manifest",
+     "auto"),
     ("tokenizer.json missing", lambda src, d: (_graph_and_weights(src, d), (d / "tokenizer.json").unlink()),
-     "tokenizer"),
+     "tokenizer", "auto"),
+]
+FAST_BROKEN = [
+    ("model.fast.onnx missing", _break("model.fast.onnx", "missing"), "model.fast.onnx", "auto"),
+    ("model.fast.onnx is garbage", _break("model.fast.onnx", "garbage"), "model.fast.onnx", "auto"),
+    ("model.fast.onnx truncated", _break("model.fast.onnx", "truncated"), "model.fast.onnx", "auto"),
+    ("model.fast.onnx.data missing", _break("model.fast.onnx.data", "missing"), "model.fast.onnx.data", "auto"),
+    ("model.fast.onnx.data truncated", _break("model.fast.onnx.data", "truncated"), "model", "auto"),
+    ("model.onnx missing beside the fast graph", _break("model.onnx", "missing"), "model.onnx", "auto"),
 ]
 
 
-def _broken_model_dirs(root: Path) -> dict[str, tuple[Path, str]]:
+def _broken_model_dirs(root: Path) -> dict[str, tuple[Path, str, str]]:
     src = model_dir()
-    out = {"no such directory": (root / "does-not-exist", "manifest")}
-    for name, make, word in BROKEN:
+    out = {"no such directory": (root / "does-not-exist", "manifest", "auto")}
+    cases = BROKEN + (FAST_BROKEN if (src / "model.fast.onnx").exists() else [])
+    for name, make, word, kernels in cases:
         d = root / name.replace(" ", "-").replace(".", "_")
         d.mkdir()
         for f in ("manifest.json", "tokenizer.json"):
             shutil.copy(src / f, d / f)
         make(src, d)
-        out[name] = (d, word)
+        out[name] = (d, word, kernels)
     return out
 
 
 def test_missing_or_corrupt_model_fails_clearly_and_never_listens(tmp_path):
     results = {}
-    for name, (d, word) in _broken_model_dirs(tmp_path).items():
+    for name, (d, word, kernels) in _broken_model_dirs(tmp_path).items():
         port = free_port()
         err = tmp_path / f"{d.name}.stderr"
         keys = tmp_path / f"{d.name}.keys.json"
         with err.open("wb") as e:
             proc = subprocess.Popen([str(binary_path()), "serve", "--port", str(port), "--keys-file", str(keys),
                                      "--model-dir", str(d)], stdout=subprocess.DEVNULL, stderr=e,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, env={**os.environ, "KERNELS": kernels})
         listened = False
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:

@@ -20,7 +20,7 @@ from conftest import REGION, REPO, SECRET_ID, Moto, free_port, key_entry, make_k
 ZIP = REPO / "build" / "lambda" / "http-function.zip"
 LAMBDA_UNZIPPED_LIMIT = 262_144_000  # bytes: 250 MiB, function and layers together
 EXPECTED = {"bootstrap", "libonnxruntime.so", "model/manifest.json", "model/model.onnx", "model/model.onnx.data",
-            "model/tokenizer.json"}
+            "model/model.fast.onnx", "model/model.fast.onnx.data", "model/tokenizer.json"}
 
 
 @pytest.mark.parametrize("name", ["http-function", "batch-function"])

@@ -1,0 +1,739 @@
+//! Exact Q4_1 matrix product `y = x · Wᵀ` with `W = d·q + m` per 32-block, computed in fp32 straight from the packed nibbles.
+//!
+//! Layouts: `q` is `[N][K/32][16]` bytes (`MatMulNBits`'), element `2i` of a block in the low nibble of byte `i`,
+//! `2i + 1` in the high one; `dm` is `[N][K/32][2]` IEEE half-precision bit patterns, the block's scale `d` then its
+//! minimum `m` (GGUF keeps both as f16, so nothing is rounded). The result is `Σ_b d·Σ_j q·x + Σ_b m·Σ_j x`, the sum the
+//! reference forms from the dequantized weights, without an int8 rounding of the activations (unlike
+//! `accuracy_level` 4 and llama.cpp's Q8_1 dot products).
+
+use std::ops::Range;
+
+pub const BLOCK: usize = 32;
+/// Prefetch distances (bytes of nibbles, halves of scales) measured best of 1, 2 and 4 KiB on the bench machine.
+const PREFETCH_Q: usize = 2048;
+const PREFETCH_DM: usize = 256;
+
+/// One quantized weight matrix, borrowed from the session's initializers.
+#[derive(Clone, Copy, Debug)]
+pub struct Q4_1Matrix<'w> {
+    pub k: usize,
+    pub n: usize,
+    q: &'w [u8],
+    dm: &'w [u16],
+}
+
+/// Per-call activations rearranged for the kernel, reused between calls.
+#[derive(Default)]
+pub struct Prepared {
+    rows: usize,
+    /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); portable: a copy of x.
+    xs: Vec<f32>,
+    /// Per row, the sum of x over each block (portable); AVX-512: per row and group, 16 lanes of a quarter of the sum of
+    /// the lane's block (4 lanes per block).
+    sums: Vec<f32>,
+    /// AVX-512 with `PANEL_ROWS` rows or more: per row, x followed by its block sums (`K + K/32` values).
+    ext: Vec<f32>,
+}
+
+/// From this many rows on (a prompt), weights are dequantized once into f32 panels shared by all rows. Measured on
+/// the bench machine (one thread, all 120 layers): tiles cost 3.6–4.3 ms per row, panels about 34 ms plus 1.9 ms per
+/// row, so they cross near 17 rows.
+pub const PANEL_ROWS: usize = 20;
+
+/// Which instructions run the product; chosen once per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 in f32: each nibble looked up as a float.
+    Avx512,
+    Portable,
+}
+
+impl Isa {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx512;
+        }
+        Isa::Portable
+    }
+}
+
+impl Prepared {
+    /// Releases buffers grown past `bytes` (by a long prompt), so they are not held for the process's life.
+    pub fn trim(&mut self, bytes: usize) {
+        if self.xs.capacity() * 4 > bytes {
+            self.xs = Vec::new();
+        }
+        if self.sums.capacity() * 4 > bytes {
+            self.sums = Vec::new();
+        }
+        if self.ext.capacity() * 4 > bytes {
+            self.ext = Vec::new();
+        }
+    }
+}
+
+impl<'w> Q4_1Matrix<'w> {
+    /// Checks every length against `k` and `n`.
+    pub fn new(k: usize, n: usize, q: &'w [u8], dm: &'w [u16]) -> Result<Self, String> {
+        if k == 0 || n == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "K={k} must be a positive multiple of {BLOCK} and N={n} positive"
+            ));
+        }
+        let nb = k / BLOCK;
+        let want = [
+            ("weights", q.len(), n * nb * 16),
+            ("scales and mins", dm.len(), n * nb * 2),
+        ];
+        for (what, got, expected) in want {
+            if got != expected {
+                return Err(format!("{what}: {got} values, expected {expected} for K={k}, N={n}"));
+            }
+        }
+        Ok(Self { k, n, q, dm })
+    }
+
+    fn blocks(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    fn groups(&self) -> usize {
+        self.blocks().div_ceil(4)
+    }
+
+    /// Rearranges `rows` rows of `x` (`[rows][K]`) for `columns`.
+    pub fn prepare(&self, isa: Isa, x: &[f32], rows: usize, p: &mut Prepared) {
+        let (k, nb) = (self.k, self.blocks());
+        debug_assert_eq!(x.len(), rows * k);
+        p.rows = rows;
+        p.sums.clear();
+        p.xs.clear();
+        p.ext.clear();
+        match isa {
+            Isa::Portable => {
+                p.sums.extend(x.chunks_exact(BLOCK).map(|b| b.iter().sum::<f32>()));
+                p.xs.extend_from_slice(x);
+            }
+            Isa::Avx512 if rows >= PANEL_ROWS => {
+                // Per row: x in the order of the panel's rows (as `xs` below: group g, shift t, lane l), then the
+                // block sums (the rows of the minimums).
+                let ng = self.groups();
+                let kk = ng * 128 + nb;
+                p.ext.resize(rows * kk, 0.0);
+                for (r, xr) in x.chunks_exact(k).enumerate() {
+                    let out = &mut p.ext[r * kk..(r + 1) * kk];
+                    arrange(xr, nb, &mut out[..ng * 128]);
+                    for (s, xb) in out[ng * 128..].iter_mut().zip(xr.chunks_exact(BLOCK)) {
+                        *s = xb.iter().sum::<f32>();
+                    }
+                }
+            }
+            Isa::Avx512 => {
+                // Row r, group g, shift t (nibble t of each 32-bit lane), lane l: the lane holds bytes 4(l%4)..+4 of
+                // block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block.
+                let ng = self.groups();
+                p.xs.resize(rows * ng * 128, 0.0);
+                p.sums.resize(rows * ng * 16, 0.0);
+                for (r, xr) in x.chunks_exact(k).enumerate() {
+                    for (b, xb) in xr.chunks_exact(BLOCK).enumerate() {
+                        let quarter = xb.iter().sum::<f32>() / 4.0;
+                        p.sums[r * ng * 16 + 4 * b..r * ng * 16 + 4 * b + 4].fill(quarter);
+                    }
+                    arrange(xr, nb, &mut p.xs[r * ng * 128..(r + 1) * ng * 128]);
+                }
+            }
+        }
+    }
+
+    /// Writes `y[r][c]` for every prepared row and every column in `cols` (`y` is `[rows][N]`).
+    ///
+    /// # Safety
+    /// `y` must point to `rows × N` floats, and no other thread may touch these columns meanwhile.
+    pub unsafe fn columns(&self, isa: Isa, p: &Prepared, y: *mut f32, cols: Range<usize>) {
+        debug_assert!(cols.end <= self.n);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::columns(self, p, y, cols) },
+            _ => unsafe { self.columns_portable(p, y, cols) },
+        }
+    }
+
+    unsafe fn columns_portable(&self, p: &Prepared, y: *mut f32, cols: Range<usize>) {
+        let (k, n, nb) = (self.k, self.n, self.blocks());
+        for r in 0..p.rows {
+            let xr = &p.xs[r * k..(r + 1) * k];
+            for c in cols.clone() {
+                let mut acc = 0f32;
+                for b in 0..nb {
+                    let bytes = &self.q[(c * nb + b) * 16..(c * nb + b + 1) * 16];
+                    let xb = &xr[b * BLOCK..(b + 1) * BLOCK];
+                    let dot: f32 = bytes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| (v & 15) as f32 * xb[2 * i] + (v >> 4) as f32 * xb[2 * i + 1])
+                        .sum();
+                    let (d, m) = (
+                        f16_to_f32(self.dm[(c * nb + b) * 2]),
+                        f16_to_f32(self.dm[(c * nb + b) * 2 + 1]),
+                    );
+                    acc += d * dot + m * p.sums[r * nb + b];
+                }
+                unsafe { *y.add(r * n + c) = acc };
+            }
+        }
+    }
+}
+
+/// One row of x in the kernel's order: group g of 4 blocks, shift t (nibble t of each 32-bit lane of the 64 bytes), lane
+/// l: the lane holds bytes 4(l%4)..+4 of block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block.
+fn arrange(xr: &[f32], nb: usize, out: &mut [f32]) {
+    for (g, group) in out.chunks_exact_mut(128).enumerate() {
+        for t in 0..8 {
+            for l in 0..16 {
+                let b = 4 * g + l / 4;
+                group[t * 16 + l] = if b < nb { xr[b * BLOCK + 8 * (l % 4) + t] } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// An IEEE half-precision bit pattern as f32 (exact; the weights hold no infinities or NaNs, but they convert too).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1F) as u32;
+    let frac = (h & 0x3FF) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: normalize the fraction.
+            let shift = frac.leading_zeros() - 21;
+            sign | ((113 - shift) << 23) | (((frac << shift) & 0x3FF) << 13)
+        }
+        (31, _) => sign | 0x7F80_0000 | (frac << 13),
+        _ => sign | ((exp + 112) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The AVX-512 body: 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into its float
+    //! with a shift, one `vpternlogd` and a subtraction, up to 4 rows sharing one dequantization.
+    use super::{f16_to_f32, Prepared, Q4_1Matrix, PANEL_ROWS, PREFETCH_DM, PREFETCH_Q};
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// The calling thread's f32 panel: `[K + K/32][32]`, 32 columns of `q·d` and then of their block minimums.
+        static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Columns per panel, rows per micro-kernel tile.
+    const PANEL_COLUMNS: usize = 32;
+    const TILE_ROWS: usize = 6;
+
+    /// Many rows: 32 columns at a time dequantized into an f32 panel (`q·d`, exact; its rows in the order of the
+    /// arranged x, then the minimums as K/32 more rows against the block sums), then a 6×32 micro-kernel: per panel
+    /// row, two vectors of it, each row's activation broadcast, 12 accumulators.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn panels(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>, panel: &mut Vec<f32>) {
+        let nb = w.blocks();
+        let ng = w.groups();
+        let kk = ng * 128 + nb;
+        panel.resize(kk * PANEL_COLUMNS, 0.0);
+        let mut c0 = cols.start;
+        while c0 < cols.end {
+            let width = (cols.end - c0).min(PANEL_COLUMNS);
+            for half in 0..PANEL_COLUMNS / 16 {
+                unsafe {
+                    dequantize16(
+                        w,
+                        c0 + 16 * half,
+                        width.saturating_sub(16 * half).min(16),
+                        panel,
+                        16 * half,
+                    )
+                };
+            }
+            for j in 0..PANEL_COLUMNS {
+                for b in 0..nb {
+                    let m = if j < width {
+                        f16_to_f32(w.dm[((c0 + j) * nb + b) * 2 + 1])
+                    } else {
+                        0.0
+                    };
+                    panel[(ng * 128 + b) * PANEL_COLUMNS + j] = m;
+                }
+            }
+            let mut r = 0;
+            while r < p.rows {
+                let rows = (p.rows - r).min(TILE_ROWS);
+                unsafe {
+                    match rows {
+                        6 => micro::<6>(p, r, kk, panel, y, w.n, c0, width),
+                        5 => micro::<5>(p, r, kk, panel, y, w.n, c0, width),
+                        4 => micro::<4>(p, r, kk, panel, y, w.n, c0, width),
+                        3 => micro::<3>(p, r, kk, panel, y, w.n, c0, width),
+                        2 => micro::<2>(p, r, kk, panel, y, w.n, c0, width),
+                        _ => micro::<1>(p, r, kk, panel, y, w.n, c0, width),
+                    }
+                }
+                r += rows;
+            }
+            c0 += width;
+        }
+    }
+
+    /// Panel columns `at..at + 16` from weight columns `c..c + count` (zeros past `count`): per group of 4 blocks and
+    /// shift t, one vector of `q·d` per column (lanes in the arranged order), transposed 16×16 into 16 panel rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn dequantize16(w: &Q4_1Matrix, c: usize, count: usize, panel: &mut [f32], at: usize) {
+        let nb = w.blocks();
+        let mask = _mm512_set1_epi32(0x0F);
+        let magic = _mm512_set1_epi32(0x4B00_0000);
+        let minus_magic = _mm512_set1_ps(-8_388_608.0);
+        let didx = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+        for g in 0..w.groups() {
+            let left = nb - 4 * g;
+            let (bytes, halves) = if left >= 4 {
+                (u64::MAX, 0xFFu8)
+            } else {
+                ((1u64 << (16 * left)) - 1, (1u8 << (2 * left)) - 1)
+            };
+            let mut v = [_mm512_setzero_si512(); 16];
+            let mut dv = [_mm512_setzero_ps(); 16];
+            let mut offset = [_mm512_setzero_ps(); 16];
+            for j in 0..count {
+                let col = c + j;
+                unsafe {
+                    v[j] = _mm512_maskz_loadu_epi8(bytes, w.q.as_ptr().add((col * nb + 4 * g) * 16).cast());
+                    let dm = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(
+                        halves,
+                        w.dm.as_ptr().add((col * nb + 4 * g) * 2).cast(),
+                    ));
+                    dv[j] = _mm512_permutexvar_ps(didx, _mm512_castps256_ps512(dm));
+                    offset[j] = _mm512_mul_ps(dv[j], minus_magic);
+                }
+            }
+            for t in 0..8u32 {
+                let mut rows = [_mm512_setzero_ps(); 16];
+                for j in 0..16 {
+                    let shifted = _mm512_srlv_epi32(v[j], _mm512_set1_epi32(4 * t as i32));
+                    let f = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(shifted, mask, magic));
+                    rows[j] = _mm512_fmadd_ps(f, dv[j], offset[j]);
+                }
+                transpose16(&mut rows);
+                for (l, row) in rows.iter().enumerate() {
+                    let k = g * 128 + t as usize * 16 + l;
+                    unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add(k * PANEL_COLUMNS + at), *row) };
+                }
+            }
+        }
+    }
+
+    /// In-register transpose: `r[i]` lane `j` becomes `r[j]` lane `i`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose16(r: &mut [__m512; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        for i in 0..4 {
+            r[4 * i] = ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+            r[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+        }
+        for i in 0..2 {
+            for j in 0..4 {
+                t[8 * i + j] = _mm512_shuffle_f32x4::<0x88>(r[8 * i + j], r[8 * i + 4 + j]);
+                t[8 * i + 4 + j] = _mm512_shuffle_f32x4::<0xDD>(r[8 * i + j], r[8 * i + 4 + j]);
+            }
+        }
+        for j in 0..8 {
+            r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+            r[8 + j] = _mm512_shuffle_f32x4::<0xDD>(t[j], t[8 + j]);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn micro<const R: usize>(
+        p: &Prepared,
+        r0: usize,
+        kk: usize,
+        panel: &[f32],
+        y: *mut f32,
+        n: usize,
+        c0: usize,
+        width: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let x = unsafe { p.ext.as_ptr().add(r0 * kk) };
+        let b = panel.as_ptr();
+        for k in 0..kk {
+            let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(k * 32)), _mm512_loadu_ps(b.add(k * 32 + 16))) };
+            for (r, [a0, a1]) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(unsafe { *x.add(r * kk + k) });
+                *a0 = _mm512_fmadd_ps(xv, b0, *a0);
+                *a1 = _mm512_fmadd_ps(xv, b1, *a1);
+            }
+        }
+        let lo = if width >= 16 { 0xFFFF } else { (1u16 << width) - 1 };
+        let hi = if width >= 32 {
+            0xFFFF
+        } else if width > 16 {
+            (1u16 << (width - 16)) - 1
+        } else {
+            0
+        };
+        for (r, [a0, a1]) in acc.iter().enumerate() {
+            let out = unsafe { y.add((r0 + r) * n + c0) };
+            unsafe {
+                _mm512_mask_storeu_ps(out, lo, *a0);
+                _mm512_mask_storeu_ps(out.add(16), hi, *a1);
+            }
+        }
+    }
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Every column for a tile of up to 4 rows at a time (one row: `tile`; more: `tile_rows`); from `PANEL_ROWS`
+    /// rows on, `panels`.
+    pub(super) unsafe fn columns(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
+        if p.rows >= PANEL_ROWS {
+            PANEL.with_borrow_mut(|panel| unsafe { panels(w, p, y, cols, panel) });
+            return;
+        }
+        let mut r = 0;
+        while r < p.rows {
+            let left = p.rows - r;
+            unsafe {
+                match left {
+                    1 => tile::<1>(w, p, r, y, cols.clone()),
+                    2 => tile_rows::<2>(w, p, r, y, cols.clone()),
+                    3 => tile_rows::<3>(w, p, r, y, cols.clone()),
+                    _ => tile_rows::<4>(w, p, r, y, cols.clone()),
+                }
+            }
+            r += left.min(4);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
+        let nb = w.blocks();
+        let ng = w.groups();
+        let stride = ng * 128;
+        let mask = _mm512_set1_epi32(0x0F);
+        let magic = _mm512_set1_epi32(0x4B00_0000);
+        let magic_f = _mm512_set1_ps(8_388_608.0);
+        let didx = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+        let midx = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
+        let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
+        let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
+        for c in cols {
+            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
+            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+            let mut tot = [_mm512_setzero_ps(); R];
+            for g in 0..ng {
+                let left = nb - 4 * g;
+                // The weights stream from memory once per call: fetch a few columns ahead.
+                _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 64 + PREFETCH_Q).cast());
+                _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 8 + PREFETCH_DM).cast());
+                // 4 blocks of nibbles, and their d, m pairs as 8 halves.
+                let (v, dm) = unsafe {
+                    if left >= 4 {
+                        (
+                            _mm512_loadu_si512(qrow.add(g * 64).cast()),
+                            _mm_loadu_si128(dmrow.add(g * 8).cast()),
+                        )
+                    } else {
+                        let bytes = (1u64 << (16 * left)) - 1;
+                        let halves = (1u8 << (2 * left)) - 1;
+                        (
+                            _mm512_maskz_loadu_epi8(bytes, qrow.add(g * 64).cast()),
+                            _mm_maskz_loadu_epi16(halves, dmrow.add(g * 8).cast()),
+                        )
+                    }
+                };
+                let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(dm));
+                let dv = _mm512_permutexvar_ps(didx, dm);
+                let mv = _mm512_permutexvar_ps(midx, dm);
+                // Nibble t of each lane as the float 2^23 + q (its bits OR 0x4B000000), minus 2^23: exactly q.
+                let nib = |x: __m512i| {
+                    _mm512_sub_ps(
+                        _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
+                        magic_f,
+                    )
+                };
+                let q = [
+                    nib(v),
+                    nib(_mm512_srli_epi32::<4>(v)),
+                    nib(_mm512_srli_epi32::<8>(v)),
+                    nib(_mm512_srli_epi32::<12>(v)),
+                    nib(_mm512_srli_epi32::<16>(v)),
+                    nib(_mm512_srli_epi32::<20>(v)),
+                    nib(_mm512_srli_epi32::<24>(v)),
+                    nib(_mm512_srli_epi32::<28>(v)),
+                ];
+                for (r, t) in tot.iter_mut().enumerate() {
+                    let xg = unsafe { xs.add(r * stride + g * 128) };
+                    let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
+                    let mut a0 = _mm512_mul_ps(q[0], ld(0));
+                    let mut a1 = _mm512_mul_ps(q[1], ld(1));
+                    a0 = _mm512_fmadd_ps(q[2], ld(2), a0);
+                    a1 = _mm512_fmadd_ps(q[3], ld(3), a1);
+                    a0 = _mm512_fmadd_ps(q[4], ld(4), a0);
+                    a1 = _mm512_fmadd_ps(q[5], ld(5), a1);
+                    a0 = _mm512_fmadd_ps(q[6], ld(6), a0);
+                    a1 = _mm512_fmadd_ps(q[7], ld(7), a1);
+                    *t = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), dv, *t);
+                    *t = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(sums.add(r * ng * 16 + g * 16)) }, *t);
+                }
+            }
+            for (r, t) in tot.iter().enumerate() {
+                unsafe { *y.add((r0 + r) * w.n + c) = _mm512_reduce_add_ps(*t) };
+            }
+        }
+    }
+
+    /// Several rows: the scale folded into the dequantized weights once (`fma(2^23 + q, d, -2^23·d)` is `q·d`, exact:
+    /// 4 by 11 significant bits), so each row pays 9 FMAs per 128 weights, accumulated across blocks in two chains.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn tile_rows<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
+        let nb = w.blocks();
+        let ng = w.groups();
+        let stride = ng * 128;
+        let mask = _mm512_set1_epi32(0x0F);
+        let magic = _mm512_set1_epi32(0x4B00_0000);
+        let minus_magic = _mm512_set1_ps(-8_388_608.0);
+        let didx = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+        let midx = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
+        let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
+        let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
+        for c in cols {
+            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
+            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for g in 0..ng {
+                let left = nb - 4 * g;
+                _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 64 + PREFETCH_Q).cast());
+                _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 8 + PREFETCH_DM).cast());
+                let (v, dm) = unsafe {
+                    if left >= 4 {
+                        (
+                            _mm512_loadu_si512(qrow.add(g * 64).cast()),
+                            _mm_loadu_si128(dmrow.add(g * 8).cast()),
+                        )
+                    } else {
+                        let bytes = (1u64 << (16 * left)) - 1;
+                        let halves = (1u8 << (2 * left)) - 1;
+                        (
+                            _mm512_maskz_loadu_epi8(bytes, qrow.add(g * 64).cast()),
+                            _mm_maskz_loadu_epi16(halves, dmrow.add(g * 8).cast()),
+                        )
+                    }
+                };
+                let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(dm));
+                let dv = _mm512_permutexvar_ps(didx, dm);
+                let mv = _mm512_permutexvar_ps(midx, dm);
+                let offset = _mm512_mul_ps(dv, minus_magic);
+                let wq = |x: __m512i| {
+                    _mm512_fmadd_ps(
+                        _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
+                        dv,
+                        offset,
+                    )
+                };
+                let q = [
+                    wq(v),
+                    wq(_mm512_srli_epi32::<4>(v)),
+                    wq(_mm512_srli_epi32::<8>(v)),
+                    wq(_mm512_srli_epi32::<12>(v)),
+                    wq(_mm512_srli_epi32::<16>(v)),
+                    wq(_mm512_srli_epi32::<20>(v)),
+                    wq(_mm512_srli_epi32::<24>(v)),
+                    wq(_mm512_srli_epi32::<28>(v)),
+                ];
+                for (r, [a0, a1]) in acc.iter_mut().enumerate() {
+                    let xg = unsafe { xs.add(r * stride + g * 128) };
+                    let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
+                    *a0 = _mm512_fmadd_ps(q[0], ld(0), *a0);
+                    *a1 = _mm512_fmadd_ps(q[1], ld(1), *a1);
+                    *a0 = _mm512_fmadd_ps(q[2], ld(2), *a0);
+                    *a1 = _mm512_fmadd_ps(q[3], ld(3), *a1);
+                    *a0 = _mm512_fmadd_ps(q[4], ld(4), *a0);
+                    *a1 = _mm512_fmadd_ps(q[5], ld(5), *a1);
+                    *a0 = _mm512_fmadd_ps(q[6], ld(6), *a0);
+                    *a1 = _mm512_fmadd_ps(q[7], ld(7), *a1);
+                    *a0 = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(sums.add(r * ng * 16 + g * 16)) }, *a0);
+                }
+            }
+            for (r, [a0, a1]) in acc.iter().enumerate() {
+                unsafe { *y.add((r0 + r) * w.n + c) = _mm512_reduce_add_ps(_mm512_add_ps(*a0, *a1)) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f(&mut self) -> f32 {
+            (self.next() % 20001) as f32 / 10000.0 - 1.0
+        }
+    }
+
+    /// The reference: dequantize `W = d·q + m` and take plain dot products in f64.
+    fn reference(k: usize, n: usize, q: &[u8], dm: &[u16], x: &[f32], rows: usize) -> Vec<f64> {
+        let nb = k / BLOCK;
+        let mut y = vec![0f64; rows * n];
+        for r in 0..rows {
+            for c in 0..n {
+                let mut s = 0f64;
+                for b in 0..nb {
+                    for i in 0..16 {
+                        let v = q[(c * nb + b) * 16 + i];
+                        let (d, m) = (f16_to_f32(dm[(c * nb + b) * 2]), f16_to_f32(dm[(c * nb + b) * 2 + 1]));
+                        let (w0, w1) = (d * (v & 15) as f32 + m, d * (v >> 4) as f32 + m);
+                        s += w0 as f64 * x[r * k + b * BLOCK + 2 * i] as f64;
+                        s += w1 as f64 * x[r * k + b * BLOCK + 2 * i + 1] as f64;
+                    }
+                }
+                y[r * n + c] = s;
+            }
+        }
+        y
+    }
+
+    fn check(isa: Isa, k: usize, n: usize, rows: usize, cols: &[Range<usize>]) {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (k * 31 + n * 7 + rows) as u64);
+        let nb = k / BLOCK;
+        let q: Vec<u8> = (0..n * nb * 16).map(|_| rng.next() as u8).collect();
+        // d in [2^-10, 2^-4), m in (-2^-1, -2^-5]: normal halves with random fractions.
+        let dm: Vec<u16> = (0..n * nb)
+            .flat_map(|_| {
+                [
+                    (0x1800 + rng.next() % 0x1800) as u16,
+                    (0x8000 | (0x2800 + rng.next() % 0x1000)) as u16,
+                ]
+            })
+            .collect();
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.f() * 3.0).collect();
+        let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();
+        let mut p = Prepared::default();
+        m.prepare(isa, &x, rows, &mut p);
+        let mut y = vec![f32::NAN; rows * n];
+        for c in cols {
+            unsafe { m.columns(isa, &p, y.as_mut_ptr(), c.clone()) };
+        }
+        let want = reference(k, n, &q, &dm, &x, rows);
+        for (i, (got, want)) in y.iter().zip(&want).enumerate() {
+            let tol = 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt();
+            assert!(
+                (*got as f64 - want).abs() <= tol,
+                "{isa:?} K={k} N={n} rows={rows} at {i}: {got} vs {want}"
+            );
+        }
+    }
+
+    fn isas() -> Vec<Isa> {
+        match Isa::detect() {
+            Isa::Avx512 => vec![Isa::Portable, Isa::Avx512],
+            Isa::Portable => vec![Isa::Portable],
+        }
+    }
+
+    #[test]
+    fn matches_the_dequantized_reference_for_every_row_count_and_block_tail() {
+        for isa in isas() {
+            // K=576: 18 blocks (a group of 2 at the end); K=1536: 48 blocks; K=32 and K=96: less than one group.
+            for (k, n) in [(576, 40), (1536, 17), (32, 3), (96, 5), (160, 9)] {
+                for rows in [1, 2, 3, 4, 5, 9, 19, 20, 27] {
+                    check(isa, k, n, rows, &[0..n / 2, n / 2..n]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_ranges_can_be_split_across_callers() {
+        for isa in isas() {
+            for rows in [3, 21] {
+                check(isa, 576, 70, rows, &[0..7, 7..32, 32..49, 49..50, 50..70]);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_16_by_16_transpose_is_one() {
+        use std::arch::x86_64::*;
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut out = [0f32; 256];
+        // SAFETY: AVX-512 is present (checked above); the pointers cover 256 floats.
+        unsafe {
+            let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+            avx512::transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *v);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[16 * i + j], m[16 * j + i], "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn lengths_that_do_not_match_the_shape_are_refused() {
+        let q = vec![0u8; 2 * 16];
+        let dm = vec![0u16; 4];
+        assert!(Q4_1Matrix::new(32, 2, &q, &dm).is_ok());
+        assert!(Q4_1Matrix::new(32, 3, &q, &dm).unwrap_err().contains("weights"));
+        assert!(Q4_1Matrix::new(33, 2, &q, &dm).is_err());
+        assert!(Q4_1Matrix::new(32, 2, &q, &dm[..3])
+            .unwrap_err()
+            .contains("scales and mins"));
+    }
+
+    #[test]
+    fn halves_convert_exactly() {
+        for (h, f) in [
+            (0x3C00, 1.0f32),
+            (0xC000, -2.0),
+            (0x0000, 0.0),
+            (0x7BFF, 65504.0),
+            (0x0001, 2f32.powi(-24)),
+            (0x03FF, 1023.0 * 2f32.powi(-24)),
+            (0x0400, 2f32.powi(-14)),
+            (0x3555, 0.333_251_95),
+        ] {
+            assert_eq!(f16_to_f32(h), f, "{h:#06x}");
+        }
+        assert_eq!(f16_to_f32(0x8000).to_bits(), (-0.0f32).to_bits());
+        assert!(f16_to_f32(0x7C00).is_infinite() && f16_to_f32(0x7E00).is_nan());
+    }
+}

@@ -1,0 +1,88 @@
+"""model.fast.onnx: the Q4_1 layers as lambda-llm's MatMulQ4_1, everything else model.onnx's own, weights shared."""
+
+import collections
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from lambda_llm_convert import ConversionError
+from lambda_llm_convert.fast import DOMAIN, OP, _raw_bytes, write_fast_graph
+from lambda_llm_convert.gguf_source import load_gguf
+from lambda_llm_convert.quant import q4_1_parts
+
+
+def _load(path):
+    return onnx.load(path, load_external_data=False)
+
+
+def test_every_q4_1_layer_runs_on_the_kernel_and_the_rest_is_unchanged(artifact):
+    fast = _load(os.path.join(artifact.path, "model.fast.onnx"))
+    base = _load(os.path.join(artifact.path, "model.onnx"))
+    ops = collections.Counter((n.domain or "", n.op_type) for n in fast.graph.node)
+    assert ops[(DOMAIN, OP)] == 120  # q/k/v, o, gate/up, down in each of 30 layers
+    assert ops[("", "Gemm")] == 0 and ops[("", "Split")] == 0 and ops[("com.microsoft", "QuickGelu")] == 0
+    assert ops[("com.microsoft", "MatMulNBits")] == 1  # the LM head (Q8_0)
+    assert ops[("", "Reshape")] == 2  # the embedding to [batch, seq, hidden], the LM head's rescored rows
+    swiglu = [n for n in fast.graph.node if n.op_type == OP and
+              {a.name: helper.get_attribute_value(a) for a in n.attribute}.get("activation") == b"swiglu"]
+    assert len(swiglu) == 30
+    # Nodes that are neither rewritten nor dropped keep their names, inputs and attributes.
+    kept = {n.name: n for n in fast.graph.node if n.op_type in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")}
+    for n in base.graph.node:
+        if n.name in kept and n.op_type == "GroupQueryAttention":
+            assert kept[n.name].attribute == n.attribute
+    assert {o.domain: o.version for o in fast.opset_import}[DOMAIN] == 1
+    assert [o.name for o in fast.graph.output] == [o.name for o in base.graph.output]
+    assert [i.name for i in fast.graph.input] == [i.name for i in base.graph.input]
+
+
+def test_weights_are_shared_and_scales_are_the_ggufs_f16_values(artifact, gguf_path):
+    fast = _load(os.path.join(artifact.path, "model.fast.onnx"))
+    base = {t.name: t for t in _load(os.path.join(artifact.path, "model.onnx")).graph.initializer}
+    locations = collections.Counter()
+    for t in fast.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            locations[info["location"]] += 1
+            if info["location"] == "model.onnx.data":  # the same bytes model.onnx reads, not a copy
+                assert t.external_data == base[t.name].external_data, t.name
+    assert set(locations) == {"model.onnx.data", "model.fast.onnx.data"}
+    assert locations["model.fast.onnx.data"] == 120
+    # model.fast.onnx.data holds only the (scale, minimum) pairs: 4 bytes per 32 weights of the 120 layers.
+    assert os.path.getsize(os.path.join(artifact.path, "model.fast.onnx.data")) < 14_000_000
+    # One layer checked against the GGUF itself.
+    inits = {t.name: t for t in fast.graph.initializer}
+    dm = _raw_bytes(inits["blk.0.ffn_down.dm_f16"], artifact.path).view(np.float16).reshape(576, 48, 2)
+    src = q4_1_parts(load_gguf(gguf_path).tensor("blk.0.ffn_down.weight"))
+    assert np.array_equal(dm[..., 0].astype(np.float32), src.scales)
+    assert np.array_equal(dm[..., 1].astype(np.float32), src.mins)
+    q4 = _raw_bytes(inits["blk.0.ffn_down.q4"], artifact.path).reshape(src.packed.shape)
+    assert np.array_equal(q4, src.packed)
+
+
+def test_a_model_without_q4_1_layers_is_refused(tmp_path):
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    with pytest.raises(ConversionError, match="no exact Q4_1 layer"):
+        write_fast_graph(str(tmp_path / "model.onnx"), str(tmp_path / "model.fast.onnx"))
+    with pytest.raises(ConversionError, match="beside model.onnx"):
+        os.makedirs(tmp_path / "elsewhere")
+        write_fast_graph(str(tmp_path / "model.onnx"), str(tmp_path / "elsewhere" / "model.fast.onnx"))
+
+
+def test_an_accuracy_level_4_body_gets_no_fast_graph(tmp_path):
+    """The kernel is exact; an artifact converted to quantize activations (level 4) keeps ORT's kernels."""
+    import synth
+    from lambda_llm_convert.cli import convert
+
+    gguf = tmp_path / "tiny.gguf"
+    synth.write_tiny_llama(str(gguf))
+    m0 = convert(str(gguf), str(tmp_path / "a0"), show_progress=False)
+    m4 = convert(str(gguf), str(tmp_path / "a4"), accuracy_level=4, show_progress=False)
+    assert "fast_model" in m0["files"] and os.path.exists(tmp_path / "a0" / "model.fast.onnx")
+    assert "fast_model" not in m4["files"] and not os.path.exists(tmp_path / "a4" / "model.fast.onnx")

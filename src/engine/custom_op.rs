@@ -1,0 +1,230 @@
+//! The `ai.lambda_llm.MatMulQ4_1` operator: ONNX Runtime runs the graph, this kernel runs its Q4_1 linear layers.
+//!
+//! Inputs: `x` f32 `[..., K]`, the packed nibbles u8 `[N, K/32, 16]` (model.onnx's, in model.onnx.data) and each
+//! block's scale and minimum as f16 bit patterns u16 `[N, K/32, 2]` (in model.fast.onnx.data), both initializers;
+//! attributes `K`, `N` and optionally `activation = "swiglu"`; output f32 `[..., N]`, or with SwiGLU `[..., N/2]`:
+//! `silu(y[.., c]) · y[.., N/2 + c]`, the gate and up halves of a fused projection. The converter writes
+//! `model.fast.onnx` with this node in place of each `MatMulNBits` + mins `Gemm` pair of `model.onnx`, and of the
+//! `Split` + `QuickGelu` + `Mul` after the gate/up projection.
+
+use lambda_llm_kernels::q4_1::{Isa, Prepared, Q4_1Matrix};
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
+use ort::value::{TensorElementType, TensorValueType, ValueRef};
+use ort::AsPointer;
+use std::ffi::c_void;
+
+pub const DOMAIN: &str = "ai.lambda_llm";
+pub const OP: &str = "MatMulQ4_1";
+/// The operator domain to register on a session that loads the fast graph with `threads` intra-op threads.
+pub fn domain(isa: Isa, threads: usize) -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?.add(MatMulQ4_1 {
+        isa,
+        threads: threads.max(1),
+    })
+}
+
+struct MatMulQ4_1 {
+    isa: Isa,
+    threads: usize,
+}
+
+impl Operator for MatMulQ4_1 {
+    type Kernel<'attr> = Q4Kernel<'attr>;
+
+    fn name(&self) -> &str {
+        OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Uint8),
+            OperatorInput::required(TensorElementType::Uint16),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, info: &KernelContext<'attr>) -> ort::Result<Q4Kernel<'attr>> {
+        let dim = |name: &str| -> ort::Result<usize> {
+            let v: i64 = info
+                .get(name)
+                .ok_or_else(|| ort::Error::new(format!("{OP}: attribute {name} is missing")))?;
+            usize::try_from(v).map_err(|_| ort::Error::new(format!("{OP}: attribute {name}={v} is negative")))
+        };
+        let (k, n) = (dim("K")?, dim("N")?);
+        let swiglu = match info.get::<String>("activation").as_deref() {
+            None | Some("") => false,
+            Some("swiglu") if n % 2 == 0 => true,
+            Some(other) => {
+                return Err(ort::Error::new(format!(
+                    "{OP}: activation '{other}' with N={n} is not supported"
+                )))
+            }
+        };
+        let q: ValueRef<'attr, TensorValueType<u8>> = info.constant_input(1)?;
+        let dm: ValueRef<'attr, TensorValueType<u16>> = info.constant_input(2)?;
+        // SAFETY: constant inputs are the session's initializers; they stay in place for as long as the session, which
+        // outlives its kernels (the slices are tied to 'attr, the kernel's lifetime).
+        let (q, dm): (&'attr [u8], &'attr [u16]) =
+            unsafe { (stable(q.extract_tensor().1), stable(dm.extract_tensor().1)) };
+        let matrix = Q4_1Matrix::new(k, n, q, dm).map_err(|e| ort::Error::new(format!("{OP}: {e}")))?;
+        Ok(Q4Kernel {
+            matrix,
+            isa: self.isa,
+            tasks: self.threads,
+            swiglu,
+        })
+    }
+}
+
+/// Extends a borrow of initializer memory to the kernel's lifetime.
+///
+/// # Safety
+/// The memory must outlive `'a`.
+unsafe fn stable<'a, T>(s: &[T]) -> &'a [T] {
+    unsafe { std::slice::from_raw_parts(s.as_ptr(), s.len()) }
+}
+
+pub struct Q4Kernel<'w> {
+    matrix: Q4_1Matrix<'w>,
+    isa: Isa,
+    /// One task per thread: equal column ranges, so no thread waits on a straggler's extra task.
+    tasks: usize,
+    /// Output `silu(gate) · up` of the two halves of the columns instead of the product itself.
+    swiglu: bool,
+}
+
+/// Working memory of the calling thread, shared by every kernel it runs (ORT runs a session's nodes one at a time).
+#[derive(Default)]
+struct Scratch {
+    prepared: Prepared,
+    /// With SwiGLU: the product before the activation, `[rows][N]`.
+    gate_up: Vec<f32>,
+}
+
+/// Scratch kept between calls; a long prompt's larger buffers are released after it.
+const SCRATCH_KEEP_BYTES: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// The output pointer shared by the pool's tasks, each writing its own columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint columns.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Kernel for Q4Kernel<'_> {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (k, n) = (self.matrix.k, self.matrix.n);
+        let x = ctx
+            .input(0)?
+            .ok_or_else(|| ort::Error::new(format!("{OP}: input x is missing")))?;
+        let (shape, xs) = x.try_extract_tensor::<f32>()?;
+        if shape.last().copied() != Some(k as i64) {
+            return Err(ort::Error::new(format!(
+                "{OP}: input of shape {shape:?}, expected [..., {k}]"
+            )));
+        }
+        let rows = xs.len() / k;
+        let width = if self.swiglu { n / 2 } else { n };
+        let mut out_shape = shape.to_vec();
+        *out_shape.last_mut().expect("checked above") = width as i64;
+        let mut y = ctx
+            .output(0, out_shape)?
+            .ok_or_else(|| ort::Error::new(format!("{OP}: output is missing")))?;
+        let (_, ys) = y.try_extract_tensor_mut::<f32>()?;
+        if rows == 0 {
+            return Ok(());
+        }
+        SCRATCH.with_borrow_mut(|scratch| {
+            let result = self.run(ctx, xs, rows, ys, scratch);
+            if scratch.gate_up.capacity() * 4 > SCRATCH_KEEP_BYTES {
+                scratch.gate_up = Vec::new();
+            }
+            scratch.prepared.trim(SCRATCH_KEEP_BYTES);
+            result
+        })
+    }
+}
+
+impl Q4Kernel<'_> {
+    fn run(
+        &self,
+        ctx: &ComputeContext,
+        xs: &[f32],
+        rows: usize,
+        ys: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> ort::Result<()> {
+        let n = self.matrix.n;
+        let width = ys.len() / rows;
+        self.matrix.prepare(self.isa, xs, rows, &mut scratch.prepared);
+        if self.swiglu {
+            scratch.gate_up.resize(rows * n, 0.0);
+        }
+        let (out, gate_up) = (Out(ys.as_mut_ptr()), Out(scratch.gate_up.as_mut_ptr()));
+        let (matrix, isa, prepared, swiglu) = (&self.matrix, self.isa, &scratch.prepared, self.swiglu);
+        // Tasks split the output columns evenly; with SwiGLU a task computes its gate and its up columns.
+        let tasks = self.tasks.min(width);
+        let task = move |i: usize| {
+            let cols = i * width / tasks..(i + 1) * width / tasks;
+            if !swiglu {
+                // SAFETY: `ys` holds rows × N floats and each task owns its columns.
+                unsafe { matrix.columns(isa, prepared, out.get(), cols) };
+                return;
+            }
+            let half = width;
+            // SAFETY: `gate_up` holds rows × N floats, `ys` rows × N/2; each task owns its columns of both.
+            unsafe {
+                matrix.columns(isa, prepared, gate_up.get(), cols.clone());
+                matrix.columns(isa, prepared, gate_up.get(), half + cols.start..half + cols.end);
+                for r in 0..rows {
+                    let row = gate_up.get().add(r * n);
+                    for c in cols.clone() {
+                        let (g, u) = (*row.add(c), *row.add(half + c));
+                        *out.get().add(r * half + c) = g / (1.0 + (-g).exp()) * u;
+                    }
+                }
+            }
+        };
+        if tasks == 1 {
+            task(0);
+            return Ok(());
+        }
+        parallel_for(ctx, tasks, &task)
+    }
+}
+
+/// Runs `task(0..total)` on the session's intra-op pool (ORT's `KernelContext_ParallelFor`), with no allocation.
+fn parallel_for(ctx: &ComputeContext, total: usize, task: &(dyn Fn(usize) + Sync)) -> ort::Result<()> {
+    unsafe extern "C" fn call(data: *mut c_void, i: usize) {
+        // SAFETY: `data` is the `&dyn Fn` passed below, alive for the whole call.
+        let task = unsafe { &*data.cast::<&(dyn Fn(usize) + Sync)>() };
+        task(i)
+    }
+    let api = ort::api();
+    // SAFETY: a live kernel context; the callback and its data outlive the (blocking) call.
+    let status = unsafe {
+        (api.KernelContext_ParallelFor)(
+            ctx.ptr(),
+            call,
+            total,
+            0,
+            (&task as *const &(dyn Fn(usize) + Sync)).cast_mut().cast(),
+        )
+    };
+    // SAFETY: the status comes straight from the call above.
+    unsafe { ort::Error::result_from_status(status) }
+}

@@ -1,0 +1,102 @@
+//! lambda-llm's Q4_1 kernel (model.fast.onnx) against ONNX Runtime's (model.onnx) on the real model: the same
+//! next-token choices teacher-forced over the fidelity prompts, the same greedy generations.
+
+use lambda_llm::core::{generate, GenerationRequest, Model, SamplingParams};
+use lambda_llm::engine::{ChatMessage, Engine, EngineOptions, Kernels};
+use lambda_llm_kernels::q4_1::Isa;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+fn load(kernels: Kernels) -> Engine {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("model-artifacts/smollm2-135m-instruct");
+    Engine::load(
+        &dir,
+        &EngineOptions {
+            kernels,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("cannot load {} (run `make setup`): {e}", dir.display()))
+}
+
+/// The converter's fidelity prompts (model-artifacts/measure.py), 32 tokens each.
+const PROMPTS: [&str; 4] = [
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable \
+     metal type with an oil-based ink and a wooden screw press. Within a few decades, printed books spread across \
+     Europe.",
+    "La Révolution française est une période de bouleversements politiques et sociaux en France, qui commence en \
+     1789 avec la convocation des états généraux et s'achève avec le coup d'État de Napoléon Bonaparte.",
+    "北京是中华人民共和国的首都，也是全国的政治中心和文化中心。长城是中国古代的军事防御工程，全长两万多公里。",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n    for _ in range(n):\n        \
+     a, b = b, a + b\n    return a\n\n\nprint([fibonacci(i) for i in range(10)])\n",
+];
+
+/// Next-token logits at every position: prefixes of 1..8 tokens as prompts (prefill), then one token per step.
+fn teacher_forced(e: &mut Engine, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut rows = Vec::new();
+    for n in 1..=8 {
+        e.model.reset(ids.len()).unwrap();
+        rows.push(e.model.forward(&ids[..n]).unwrap().to_vec());
+    }
+    for &t in &ids[8..] {
+        rows.push(e.model.forward(&[t]).unwrap().to_vec());
+    }
+    rows
+}
+
+fn argmax(v: &[f32]) -> usize {
+    lambda_llm::core::sampling::argmax(v) as usize
+}
+
+#[test]
+fn the_kernel_is_used_where_the_cpu_has_avx512_and_onnx_runtime_elsewhere() {
+    let fast = load(Kernels::Auto);
+    let ort = load(Kernels::Ort);
+    assert_eq!(ort.model.kernels(), "onnxruntime (model.onnx)");
+    match Isa::detect() {
+        Isa::Avx512 => assert_eq!(fast.model.kernels(), "lambda-llm q4_1 avx512 (model.fast.onnx)"),
+        Isa::Portable => assert_eq!(fast.model.kernels(), "onnxruntime (model.onnx)"),
+    }
+}
+
+#[test]
+fn teacher_forced_choices_match_onnx_runtime_at_all_128_positions() {
+    let (mut fast, mut ort) = (load(Kernels::Auto), load(Kernels::Ort));
+    let (mut agree, mut total, mut max_diff) = (0, 0, 0f32);
+    for text in PROMPTS {
+        let ids = fast.tokenizer.encode(text).unwrap();
+        let ids = &ids[..32];
+        let (a, b) = (teacher_forced(&mut fast, ids), teacher_forced(&mut ort, ids));
+        for (x, y) in a.iter().zip(&b) {
+            total += 1;
+            agree += usize::from(argmax(x) == argmax(y));
+            max_diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(max_diff, f32::max);
+        }
+    }
+    println!("fast vs onnxruntime kernels: {agree}/{total} argmax agreement, max |logit difference| {max_diff:.2e}");
+    assert_eq!((agree, total), (128, 128));
+    // Logits span about ±30; the LM head (the same in both graphs) quantizes its input to int8 for all but its top 8
+    // logits, which turns the bodies' last-bit differences into differences of a few hundredths there.
+    assert!(max_diff < 0.1, "max logit difference {max_diff}");
+}
+
+#[test]
+fn greedy_generations_are_token_identical() {
+    let (mut fast, mut ort) = (load(Kernels::Auto), load(Kernels::Ort));
+    for text in [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+    ] {
+        let mut tokens = Vec::new();
+        for e in [&mut fast, &mut ort] {
+            let prompt = e.chat_prompt(&[ChatMessage::new("user", text)]).unwrap();
+            let req = GenerationRequest::new(prompt, 64, SamplingParams::greedy());
+            let Engine { model, tokenizer, .. } = e;
+            let g = generate(model, tokenizer, &req, &mut |_| ControlFlow::Continue(())).unwrap();
+            tokens.push(g.token_ids);
+        }
+        assert!(!tokens[0].is_empty());
+        assert_eq!(tokens[0], tokens[1], "{text}");
+    }
+}
