@@ -329,8 +329,9 @@ def main(argv=None) -> int:
           "Ratios are ours / other: above 1 is better for tok/s, below 1 is better for ms and MiB. "
           "TTFT = prefill + first argmax. Load excludes process start and imports; warm-up is a 2-token and a "
           "1-token forward in every engine. Peak RSS is the whole process (for the Python engines: interpreter, "
-          "numpy and the binding included). llama.cpp runs the original Q4_1 GGUF; lambda-llm and python-ort run "
-          "the same model.onnx.", "", *tables, *many_table(runs, threads),
+          "numpy and the binding included). llama.cpp runs the original Q4_1 GGUF; python-ort runs model.onnx "
+          "(ONNX Runtime's kernels); lambda-llm runs the graph its kernels line names — model.fast.onnx (its own "
+          "exact Q4_1 kernel) on a CPU with AVX-512, else model.onnx — over the same weights.", "", *tables, *many_table(runs, threads),
           "Serving many: 8 chat prompts of 30–40 tokens started together, each decoding the same number of new "
           "tokens (greedy, EOS suppressed), against one of them alone; tok/s = generated tokens / wall time "
           "including prompt processing. Chat turn 2: a second turn whose prompt starts with the first turn and its "
