@@ -296,28 +296,21 @@ mod avx512 {
         let mask = _mm512_set1_epi32(0x0F);
         let magic = _mm512_set1_epi32(0x4B00_0000);
         let minus_magic = _mm512_set1_ps(-8_388_608.0);
-        let didx = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
         for g in 0..w.groups() {
-            let left = nb - 4 * g;
-            let (bytes, halves) = if left >= 4 {
-                (u64::MAX, 0xFFu8)
-            } else {
-                ((1u64 << (16 * left)) - 1, (1u8 << (2 * left)) - 1)
-            };
             let mut v = [_mm512_setzero_si512(); 16];
             let mut dv = [_mm512_setzero_ps(); 16];
             let mut offset = [_mm512_setzero_ps(); 16];
             for j in 0..count {
                 let col = c + j;
-                unsafe {
-                    v[j] = _mm512_maskz_loadu_epi8(bytes, w.q.as_ptr().add((col * nb + 4 * g) * 16).cast());
-                    let dm = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(
-                        halves,
-                        w.dm.as_ptr().add((col * nb + 4 * g) * 2).cast(),
-                    ));
-                    dv[j] = _mm512_permutexvar_ps(didx, _mm512_castps256_ps512(dm));
-                    offset[j] = _mm512_mul_ps(dv[j], minus_magic);
-                }
+                let (q, d, _) = unsafe {
+                    group(
+                        w.q.as_ptr().add(col * nb * 16),
+                        w.dm.as_ptr().add(col * nb * 2),
+                        g,
+                        nb - 4 * g,
+                    )
+                };
+                (v[j], dv[j], offset[j]) = (q, d, _mm512_mul_ps(d, minus_magic));
             }
             for t in 0..8u32 {
                 let mut rows = [_mm512_setzero_ps(); 16];
@@ -428,6 +421,43 @@ mod avx512 {
         }
     }
 
+    /// Group `g` of a column (`left` blocks from it to the column's end): its 4 blocks of nibbles (64 bytes) and each
+    /// lane's scale and minimum (lane l: block 4g + l/4), zeros past the last block; it also fetches a few columns
+    /// ahead, as the weights stream from memory once per call.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m512i, __m512, __m512) {
+        _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 64 + PREFETCH_Q).cast());
+        _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 8 + PREFETCH_DM).cast());
+        let (v, dm) = unsafe {
+            if left >= 4 {
+                (
+                    _mm512_loadu_si512(qrow.add(g * 64).cast()),
+                    _mm_loadu_si128(dmrow.add(g * 8).cast()),
+                )
+            } else {
+                let bytes = (1u64 << (16 * left)) - 1;
+                let halves = (1u8 << (2 * left)) - 1;
+                (
+                    _mm512_maskz_loadu_epi8(bytes, qrow.add(g * 64).cast()),
+                    _mm_maskz_loadu_epi16(halves, dmrow.add(g * 8).cast()),
+                )
+            }
+        };
+        // The 8 halves d0 m0 d1 m1 … as floats, then spread: 4 lanes per block.
+        let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(dm));
+        let d = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), dm);
+        let m = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7), dm);
+        (v, d, m)
+    }
+
+    /// Nibble t (0..8) of every 32-bit lane of `v`, each made a vector of floats by `f`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn nibbles(v: __m512i, f: impl Fn(__m512i) -> __m512) -> [__m512; 8] {
+        std::array::from_fn(|t| f(_mm512_srlv_epi32(v, _mm512_set1_epi32(4 * t as i32))))
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
         let nb = w.blocks();
@@ -436,8 +466,6 @@ mod avx512 {
         let mask = _mm512_set1_epi32(0x0F);
         let magic = _mm512_set1_epi32(0x4B00_0000);
         let magic_f = _mm512_set1_ps(8_388_608.0);
-        let didx = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
-        let midx = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
         let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
         let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
         for c in cols {
@@ -445,29 +473,7 @@ mod avx512 {
             let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
             let mut tot = [_mm512_setzero_ps(); R];
             for g in 0..ng {
-                let left = nb - 4 * g;
-                // The weights stream from memory once per call: fetch a few columns ahead.
-                _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 64 + PREFETCH_Q).cast());
-                _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 8 + PREFETCH_DM).cast());
-                // 4 blocks of nibbles, and their d, m pairs as 8 halves.
-                let (v, dm) = unsafe {
-                    if left >= 4 {
-                        (
-                            _mm512_loadu_si512(qrow.add(g * 64).cast()),
-                            _mm_loadu_si128(dmrow.add(g * 8).cast()),
-                        )
-                    } else {
-                        let bytes = (1u64 << (16 * left)) - 1;
-                        let halves = (1u8 << (2 * left)) - 1;
-                        (
-                            _mm512_maskz_loadu_epi8(bytes, qrow.add(g * 64).cast()),
-                            _mm_maskz_loadu_epi16(halves, dmrow.add(g * 8).cast()),
-                        )
-                    }
-                };
-                let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(dm));
-                let dv = _mm512_permutexvar_ps(didx, dm);
-                let mv = _mm512_permutexvar_ps(midx, dm);
+                let (v, dv, mv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
                 // Nibble t of each lane as the float 2^23 + q (its bits OR 0x4B000000), minus 2^23: exactly q.
                 let nib = |x: __m512i| {
                     _mm512_sub_ps(
@@ -475,16 +481,7 @@ mod avx512 {
                         magic_f,
                     )
                 };
-                let q = [
-                    nib(v),
-                    nib(_mm512_srli_epi32::<4>(v)),
-                    nib(_mm512_srli_epi32::<8>(v)),
-                    nib(_mm512_srli_epi32::<12>(v)),
-                    nib(_mm512_srli_epi32::<16>(v)),
-                    nib(_mm512_srli_epi32::<20>(v)),
-                    nib(_mm512_srli_epi32::<24>(v)),
-                    nib(_mm512_srli_epi32::<28>(v)),
-                ];
+                let q = nibbles(v, nib);
                 for (r, t) in tot.iter_mut().enumerate() {
                     let xg = unsafe { xs.add(r * stride + g * 128) };
                     let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
@@ -516,8 +513,6 @@ mod avx512 {
         let mask = _mm512_set1_epi32(0x0F);
         let magic = _mm512_set1_epi32(0x4B00_0000);
         let minus_magic = _mm512_set1_ps(-8_388_608.0);
-        let didx = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
-        let midx = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
         let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
         let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
         for c in cols {
@@ -525,27 +520,7 @@ mod avx512 {
             let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for g in 0..ng {
-                let left = nb - 4 * g;
-                _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 64 + PREFETCH_Q).cast());
-                _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 8 + PREFETCH_DM).cast());
-                let (v, dm) = unsafe {
-                    if left >= 4 {
-                        (
-                            _mm512_loadu_si512(qrow.add(g * 64).cast()),
-                            _mm_loadu_si128(dmrow.add(g * 8).cast()),
-                        )
-                    } else {
-                        let bytes = (1u64 << (16 * left)) - 1;
-                        let halves = (1u8 << (2 * left)) - 1;
-                        (
-                            _mm512_maskz_loadu_epi8(bytes, qrow.add(g * 64).cast()),
-                            _mm_maskz_loadu_epi16(halves, dmrow.add(g * 8).cast()),
-                        )
-                    }
-                };
-                let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(dm));
-                let dv = _mm512_permutexvar_ps(didx, dm);
-                let mv = _mm512_permutexvar_ps(midx, dm);
+                let (v, dv, mv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
                 let offset = _mm512_mul_ps(dv, minus_magic);
                 let wq = |x: __m512i| {
                     _mm512_fmadd_ps(
@@ -554,16 +529,7 @@ mod avx512 {
                         offset,
                     )
                 };
-                let q = [
-                    wq(v),
-                    wq(_mm512_srli_epi32::<4>(v)),
-                    wq(_mm512_srli_epi32::<8>(v)),
-                    wq(_mm512_srli_epi32::<12>(v)),
-                    wq(_mm512_srli_epi32::<16>(v)),
-                    wq(_mm512_srli_epi32::<20>(v)),
-                    wq(_mm512_srli_epi32::<24>(v)),
-                    wq(_mm512_srli_epi32::<28>(v)),
-                ];
+                let q = nibbles(v, wq);
                 for (r, [a0, a1]) in acc.iter_mut().enumerate() {
                     let xg = unsafe { xs.add(r * stride + g * 128) };
                     let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
