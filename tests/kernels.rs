@@ -62,7 +62,7 @@ fn the_kernel_is_used_where_the_cpu_has_avx512_and_onnx_runtime_elsewhere() {
 #[test]
 fn teacher_forced_choices_match_onnx_runtime_at_all_128_positions() {
     let (mut fast, mut ort) = (load(Kernels::Auto), load(Kernels::Ort));
-    let (mut agree, mut total, mut max_diff) = (0, 0, 0f32);
+    let (mut agree, mut total, mut max_diff, mut max_win) = (0, 0, 0f32, 0f32);
     for text in PROMPTS {
         let ids = fast.tokenizer.encode(text).unwrap();
         let ids = &ids[..32];
@@ -71,13 +71,18 @@ fn teacher_forced_choices_match_onnx_runtime_at_all_128_positions() {
             total += 1;
             agree += usize::from(argmax(x) == argmax(y));
             max_diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(max_diff, f32::max);
+            // model.onnx computes its 8 largest logits exactly (the rest with int8 activations), the winner among them.
+            let win = argmax(y);
+            max_win = max_win.max((x[win] - y[win]).abs());
         }
     }
-    println!("fast vs onnxruntime kernels: {agree}/{total} argmax agreement, max |logit difference| {max_diff:.2e}");
+    println!(
+        "fast vs onnxruntime kernels: {agree}/{total} argmax agreement, max |difference| of the winning logit \
+         {max_win:.2e}, of any logit {max_diff:.2e} (model.onnx's LM head rounds its input to int8 outside its top 8)"
+    );
     assert_eq!((agree, total), (128, 128));
-    // Logits span about ±30; the LM head (the same in both graphs) quantizes its input to int8 for all but its top 8
-    // logits, which turns the bodies' last-bit differences into differences of a few hundredths there.
-    assert!(max_diff < 0.1, "max logit difference {max_diff}");
+    // Logits span about ±30; both graphs compute the winner in f32, so it differs in the last bits only.
+    assert!(max_win < 1e-2, "max difference of the winning logit {max_win}");
 }
 
 #[test]

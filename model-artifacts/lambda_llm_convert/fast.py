@@ -4,7 +4,9 @@ In model.onnx a Q4_1 layer is `MatMulNBits(x, q4, scales, zero points 0)` plus `
 The fast graph replaces the pair by `MatMulQ4_1(x, q4, dm)`, whose kernel ships in the lambda-llm binary
 (src/engine/custom_op.rs), drops the block sums nobody reads any more, and folds the SwiGLU after a gate/up projection
 (`Split` + `QuickGelu` + `Mul`) into that projection's node (`activation="swiglu"`). With no `Gemm` left, which
-wanted 2-D inputs, the body runs on [batch, seq, hidden] throughout: the reshapes between 2-D and 3-D go. `dm` holds each block's scale and minimum
+wanted 2-D inputs, the body runs on [batch, seq, hidden] throughout: the reshapes between 2-D and 3-D go. The Q8_0
+LM head (8-bit `MatMulNBits` at accuracy level 4 plus the exact rescoring of its top 8) becomes one exact
+`MatMulQ8_0` over the same weights and scales. `dm` holds each block's scale and minimum
 side by side as f16 bit patterns (uint16 [N, K/32, 2]; the GGUF's own f16 values, so the round trip is checked to be
 exact); it is the only new data and goes to model.fast.onnx.data. Every other initializer, the packed nibbles
 included, stays model.onnx's own in model.onnx.data, which both graphs reference.
@@ -22,6 +24,7 @@ from .graph import BLOCK, MS
 
 DOMAIN = "ai.lambda_llm"
 OP = "MatMulQ4_1"
+OP_Q8 = "MatMulQ8_0"
 
 
 def _attrs(node) -> dict:
@@ -76,6 +79,8 @@ def rewrite(model: onnx.ModelProto, base_dir: str, data_file: str) -> int:
     _apply(model, replace, drop, new_inits)
     _fuse_swiglu(model.graph)
     _stay_3d(model.graph)
+    _exact_head(model.graph)
+    _prune(model.graph)
     return len(replace)
 
 
@@ -128,12 +133,18 @@ def _rewrite_nodes(g, inits, consumers, replace, drop, new_inits, base_dir, data
 
 def _apply(model, replace, drop, new_inits) -> None:
     g = model.graph
-    nodes = []
-    for n in g.node:
-        if id(n) in drop:
-            continue
-        nodes.append(replace.get(id(n), n))
-    # Block sums (and anything else) whose outputs nobody reads any more.
+    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def _prune(g) -> None:
+    """Drops nodes whose outputs nobody reads any more (the block sums, the LM head's rescoring), then initializers
+    no node reads."""
+    nodes = list(g.node)
     graph_outputs = {o.name for o in g.output}
     while True:
         read = {i for n in nodes for i in n.input} | graph_outputs
@@ -144,11 +155,33 @@ def _apply(model, replace, drop, new_inits) -> None:
     read = {i for n in nodes for i in n.input}
     del g.node[:]
     g.node.extend(nodes)
-    kept_inits = [t for t in list(g.initializer) + new_inits if t.name in read]
+    kept_inits = [t for t in g.initializer if t.name in read]
     del g.initializer[:]
     g.initializer.extend(kept_inits)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def _exact_head(g) -> int:
+    """The Q8_0 LM head — 8-bit `MatMulNBits` (accuracy level 4, int8 activations) producing the logits, directly or
+    through the exact rescoring of its top k (`ScatterElements`) — becomes one exact `MatMulQ8_0` over the same
+    weights and scales; returns 1 if rewritten."""
+    producers = {o: n for n in g.node for o in n.output}
+    for out in (o.name for o in g.output):
+        last = producers.get(out)
+        head = last
+        if last is not None and last.op_type == "ScatterElements":
+            head = producers.get(last.input[0])
+        if head is None or head.domain != MS or head.op_type != "MatMulNBits" or len(head.input) != 3:
+            continue
+        a = _attrs(head)
+        if a.get("bits") != 8 or a.get("block_size") != BLOCK:
+            continue
+        exact = helper.make_node(OP_Q8, list(head.input), [out], name="lm_head/MatMulQ8_0", domain=DOMAIN,
+                                 K=int(a["K"]), N=int(a["N"]))
+        nodes = [exact if n is last else n for n in g.node if n is not head or n is last]
+        del g.node[:]
+        g.node.extend(nodes)
+        return 1
+    return 0
 
 
 def _fuse_swiglu(g) -> int:

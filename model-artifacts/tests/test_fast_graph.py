@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from lambda_llm_convert import ConversionError
-from lambda_llm_convert.fast import DOMAIN, OP, _raw_bytes, write_fast_graph
+from lambda_llm_convert.fast import DOMAIN, OP, OP_Q8, _raw_bytes, write_fast_graph
 from lambda_llm_convert.gguf_source import load_gguf
 from lambda_llm_convert.quant import q4_1_parts
 
@@ -24,8 +24,12 @@ def test_every_q4_1_layer_runs_on_the_kernel_and_the_rest_is_unchanged(artifact)
     ops = collections.Counter((n.domain or "", n.op_type) for n in fast.graph.node)
     assert ops[(DOMAIN, OP)] == 120  # q/k/v, o, gate/up, down in each of 30 layers
     assert ops[("", "Gemm")] == 0 and ops[("", "Split")] == 0 and ops[("com.microsoft", "QuickGelu")] == 0
-    assert ops[("com.microsoft", "MatMulNBits")] == 1  # the LM head (Q8_0)
-    assert ops[("", "Reshape")] == 2  # the embedding to [batch, seq, hidden], the LM head's rescored rows
+    # The LM head: one exact MatMulQ8_0 instead of the 8-bit MatMulNBits and the rescoring of its top 8.
+    assert ops[("com.microsoft", "MatMulNBits")] == 0 and ops[(DOMAIN, OP_Q8)] == 1
+    assert ops[("", "TopK")] == 0 and ops[("", "ScatterElements")] == 0
+    head = next(n for n in fast.graph.node if n.op_type == OP_Q8)
+    assert list(head.input) == ["last_position/out", "token_embd.q8", "lm_head.scales"] and list(head.output) == ["logits"]
+    assert ops[("", "Reshape")] == 1  # the embedding to [batch, seq, hidden]
     swiglu = [n for n in fast.graph.node if n.op_type == OP and
               {a.name: helper.get_attribute_value(a) for a in n.attribute}.get("activation") == b"swiglu"]
     assert len(swiglu) == 30

@@ -1,13 +1,20 @@
-//! The `ai.lambda_llm.MatMulQ4_1` operator: ONNX Runtime runs the graph, this kernel runs its Q4_1 linear layers.
+//! The `ai.lambda_llm` operators: ONNX Runtime runs the graph, these kernels run its Q4_1 linear layers
+//! (`MatMulQ4_1`) and its Q8_0 LM head (`MatMulQ8_0`).
 //!
+//! `MatMulQ4_1`:
 //! Inputs: `x` f32 `[..., K]`, the packed nibbles u8 `[N, K/32, 16]` (model.onnx's, in model.onnx.data) and each
 //! block's scale and minimum as f16 bit patterns u16 `[N, K/32, 2]` (in model.fast.onnx.data), both initializers;
 //! attributes `K`, `N` and optionally `activation = "swiglu"`; output f32 `[..., N]`, or with SwiGLU `[..., N/2]`:
 //! `silu(y[.., c]) · y[.., N/2 + c]`, the gate and up halves of a fused projection. The converter writes
 //! `model.fast.onnx` with this node in place of each `MatMulNBits` + mins `Gemm` pair of `model.onnx`, and of the
 //! `Split` + `QuickGelu` + `Mul` after the gate/up projection.
+//!
+//! `MatMulQ8_0`: `x` f32 `[..., K]`, the weights plus 128 u8 `[N, K/32, 32]` and the scales f32 `[N, K/32]` (the tied
+//! embedding's, in model.onnx.data); attributes `K`, `N`; output f32 `[..., N]`, exact. It replaces the 8-bit
+//! `MatMulNBits` of the LM head and its top-k rescoring.
 
 use lambda_llm_kernels::q4_1::{Isa, Prepared, Q4_1Matrix};
+use lambda_llm_kernels::q8_0::{Prepared8, Q8_0Matrix};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::value::{TensorElementType, TensorValueType, ValueRef};
 use ort::AsPointer;
@@ -15,12 +22,128 @@ use std::ffi::c_void;
 
 pub const DOMAIN: &str = "ai.lambda_llm";
 pub const OP: &str = "MatMulQ4_1";
+pub const OP_Q8: &str = "MatMulQ8_0";
 /// The operator domain to register on a session that loads the fast graph with `threads` intra-op threads.
 pub fn domain(isa: Isa, threads: usize) -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(MatMulQ4_1 {
-        isa,
-        threads: threads.max(1),
-    })
+    let threads = threads.max(1);
+    OperatorDomain::new(DOMAIN)?
+        .add(MatMulQ4_1 { isa, threads })?
+        .add(MatMulQ8_0 { isa, threads })
+}
+
+/// Attribute `name` of a node of `op`, as a size.
+fn dim(info: &KernelContext<'_>, op: &str, name: &str) -> ort::Result<usize> {
+    let v: i64 = info
+        .get(name)
+        .ok_or_else(|| ort::Error::new(format!("{op}: attribute {name} is missing")))?;
+    usize::try_from(v).map_err(|_| ort::Error::new(format!("{op}: attribute {name}={v} is negative")))
+}
+
+/// Input 0 as `[rows, K]` and output 0 allocated as `[..., width]`, handed to `f(x, rows, y)` (not called for 0 rows).
+fn with_io(
+    ctx: &ComputeContext,
+    op: &str,
+    k: usize,
+    width: usize,
+    f: impl FnOnce(&[f32], usize, &mut [f32]) -> ort::Result<()>,
+) -> ort::Result<()> {
+    let x = ctx
+        .input(0)?
+        .ok_or_else(|| ort::Error::new(format!("{op}: input x is missing")))?;
+    let (shape, xs) = x.try_extract_tensor::<f32>()?;
+    if shape.last().copied() != Some(k as i64) {
+        return Err(ort::Error::new(format!(
+            "{op}: input of shape {shape:?}, expected [..., {k}]"
+        )));
+    }
+    let rows = xs.len() / k;
+    let mut out_shape = shape.to_vec();
+    *out_shape.last_mut().expect("checked above") = width as i64;
+    let mut y = ctx
+        .output(0, out_shape)?
+        .ok_or_else(|| ort::Error::new(format!("{op}: output is missing")))?;
+    let (_, ys) = y.try_extract_tensor_mut::<f32>()?;
+    if rows == 0 {
+        return Ok(());
+    }
+    f(xs, rows, ys)
+}
+
+struct MatMulQ8_0 {
+    isa: Isa,
+    threads: usize,
+}
+
+impl Operator for MatMulQ8_0 {
+    type Kernel<'attr> = Q8Kernel<'attr>;
+
+    fn name(&self) -> &str {
+        OP_Q8
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Uint8),
+            OperatorInput::required(TensorElementType::Float32),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, info: &KernelContext<'attr>) -> ort::Result<Q8Kernel<'attr>> {
+        let (k, n) = (dim(info, OP_Q8, "K")?, dim(info, OP_Q8, "N")?);
+        let u: ValueRef<'attr, TensorValueType<u8>> = info.constant_input(1)?;
+        let d: ValueRef<'attr, TensorValueType<f32>> = info.constant_input(2)?;
+        // SAFETY: as for MatMulQ4_1, initializers outlive the kernel.
+        let (u, d): (&'attr [u8], &'attr [f32]) =
+            unsafe { (stable(u.extract_tensor().1), stable(d.extract_tensor().1)) };
+        let matrix = Q8_0Matrix::new(k, n, u, d).map_err(|e| ort::Error::new(format!("{OP_Q8}: {e}")))?;
+        Ok(Q8Kernel {
+            matrix,
+            isa: self.isa,
+            tasks: self.threads,
+        })
+    }
+}
+
+pub struct Q8Kernel<'w> {
+    matrix: Q8_0Matrix<'w>,
+    isa: Isa,
+    tasks: usize,
+}
+
+thread_local! {
+    static SCRATCH8: std::cell::RefCell<Prepared8> = std::cell::RefCell::new(Prepared8::default());
+}
+
+impl Kernel for Q8Kernel<'_> {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (k, n) = (self.matrix.k, self.matrix.n);
+        with_io(ctx, OP_Q8, k, n, |xs, rows, ys| {
+            SCRATCH8.with_borrow_mut(|prepared| {
+                self.matrix.prepare(xs, rows, prepared);
+                let (matrix, isa, prepared, out) = (&self.matrix, self.isa, &*prepared, Out(ys.as_mut_ptr()));
+                let tasks = self.tasks.min(n);
+                let task = move |i: usize| {
+                    // SAFETY: `ys` holds rows × N floats and each task owns its columns.
+                    unsafe { matrix.columns(isa, prepared, out.get(), i * n / tasks..(i + 1) * n / tasks) }
+                };
+                run_tasks(ctx, tasks, &task)
+            })
+        })
+    }
+}
+
+/// `task(0..tasks)`, inline for one task, else on the intra-op pool.
+fn run_tasks(ctx: &ComputeContext, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> ort::Result<()> {
+    if tasks == 1 {
+        task(0);
+        return Ok(());
+    }
+    parallel_for(ctx, tasks, task)
 }
 
 struct MatMulQ4_1 {
@@ -48,13 +171,7 @@ impl Operator for MatMulQ4_1 {
     }
 
     fn create_kernel<'attr>(&self, info: &KernelContext<'attr>) -> ort::Result<Q4Kernel<'attr>> {
-        let dim = |name: &str| -> ort::Result<usize> {
-            let v: i64 = info
-                .get(name)
-                .ok_or_else(|| ort::Error::new(format!("{OP}: attribute {name} is missing")))?;
-            usize::try_from(v).map_err(|_| ort::Error::new(format!("{OP}: attribute {name}={v} is negative")))
-        };
-        let (k, n) = (dim("K")?, dim("N")?);
+        let (k, n) = (dim(info, OP, "K")?, dim(info, OP, "N")?);
         let swiglu = match info.get::<String>("activation").as_deref() {
             None | Some("") => false,
             Some("swiglu") if n % 2 == 0 => true,
@@ -128,33 +245,16 @@ impl Out {
 impl Kernel for Q4Kernel<'_> {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let (k, n) = (self.matrix.k, self.matrix.n);
-        let x = ctx
-            .input(0)?
-            .ok_or_else(|| ort::Error::new(format!("{OP}: input x is missing")))?;
-        let (shape, xs) = x.try_extract_tensor::<f32>()?;
-        if shape.last().copied() != Some(k as i64) {
-            return Err(ort::Error::new(format!(
-                "{OP}: input of shape {shape:?}, expected [..., {k}]"
-            )));
-        }
-        let rows = xs.len() / k;
         let width = if self.swiglu { n / 2 } else { n };
-        let mut out_shape = shape.to_vec();
-        *out_shape.last_mut().expect("checked above") = width as i64;
-        let mut y = ctx
-            .output(0, out_shape)?
-            .ok_or_else(|| ort::Error::new(format!("{OP}: output is missing")))?;
-        let (_, ys) = y.try_extract_tensor_mut::<f32>()?;
-        if rows == 0 {
-            return Ok(());
-        }
-        SCRATCH.with_borrow_mut(|scratch| {
-            let result = self.run(ctx, xs, rows, ys, scratch);
-            if scratch.gate_up.capacity() * 4 > SCRATCH_KEEP_BYTES {
-                scratch.gate_up = Vec::new();
-            }
-            scratch.prepared.trim(SCRATCH_KEEP_BYTES);
-            result
+        with_io(ctx, OP, k, width, |xs, rows, ys| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let result = self.run(ctx, xs, rows, ys, scratch);
+                if scratch.gate_up.capacity() * 4 > SCRATCH_KEEP_BYTES {
+                    scratch.gate_up = Vec::new();
+                }
+                scratch.prepared.trim(SCRATCH_KEEP_BYTES);
+                result
+            })
         })
     }
 }
@@ -199,11 +299,7 @@ impl Q4Kernel<'_> {
                 }
             }
         };
-        if tasks == 1 {
-            task(0);
-            return Ok(());
-        }
-        parallel_for(ctx, tasks, &task)
+        run_tasks(ctx, tasks, &task)
     }
 }
 
