@@ -80,21 +80,7 @@ impl Prepared {
 impl<'w> Q4_1Matrix<'w> {
     /// Checks every length against `k` and `n`.
     pub fn new(k: usize, n: usize, q: &'w [u8], dm: &'w [u16]) -> Result<Self, String> {
-        if k == 0 || n == 0 || !k.is_multiple_of(BLOCK) {
-            return Err(format!(
-                "K={k} must be a positive multiple of {BLOCK} and N={n} positive"
-            ));
-        }
-        let nb = k / BLOCK;
-        let want = [
-            ("weights", q.len(), n * nb * 16),
-            ("scales and mins", dm.len(), n * nb * 2),
-        ];
-        for (what, got, expected) in want {
-            if got != expected {
-                return Err(format!("{what}: {got} values, expected {expected} for K={k}, N={n}"));
-            }
-        }
+        check_shape(k, n, &[("weights", q.len(), 16), ("scales and mins", dm.len(), 2)])?;
         Ok(Self { k, n, q, dm })
     }
 
@@ -189,6 +175,28 @@ impl<'w> Q4_1Matrix<'w> {
     }
 }
 
+/// Checks `K` (a positive multiple of 32) and `N`, and that each `(what, length, values per block)` holds `N × K/32`
+/// blocks.
+pub fn check_shape(k: usize, n: usize, parts: &[(&str, usize, usize)]) -> Result<(), String> {
+    if k == 0 || n == 0 || !k.is_multiple_of(BLOCK) {
+        return Err(format!(
+            "K={k} must be a positive multiple of {BLOCK} and N={n} positive"
+        ));
+    }
+    for &(what, got, per_block) in parts {
+        let expected = n * (k / BLOCK) * per_block;
+        if got != expected {
+            return Err(format!("{what}: {got} values, expected {expected} for K={k}, N={n}"));
+        }
+    }
+    Ok(())
+}
+
+/// `(first row, count)` for tiles of at most `max` rows covering `rows`.
+pub fn row_tiles(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(max).map(move |r| (r, (rows - r).min(max)))
+}
+
 /// One row of x in the kernel's order: group g of 4 blocks, shift t (nibble t of each 32-bit lane of the 64 bytes), lane
 /// l: the lane holds bytes 4(l%4)..+4 of block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block.
 fn arrange(xr: &[f32], nb: usize, out: &mut [f32]) {
@@ -224,7 +232,7 @@ pub fn f16_to_f32(h: u16) -> f32 {
 mod avx512 {
     //! The AVX-512 body: 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into its float
     //! with a shift, one `vpternlogd` and a subtraction, up to 4 rows sharing one dequantization.
-    use super::{f16_to_f32, Prepared, Q4_1Matrix, PANEL_ROWS, PREFETCH_DM, PREFETCH_Q};
+    use super::{f16_to_f32, row_tiles, Prepared, Q4_1Matrix, PANEL_ROWS, PREFETCH_DM, PREFETCH_Q};
     use std::cell::RefCell;
 
     thread_local! {
@@ -269,9 +277,7 @@ mod avx512 {
                     panel[(ng * 128 + b) * PANEL_COLUMNS + j] = m;
                 }
             }
-            let mut r = 0;
-            while r < p.rows {
-                let rows = (p.rows - r).min(TILE_ROWS);
+            for (r, rows) in row_tiles(p.rows, TILE_ROWS) {
                 unsafe {
                     match rows {
                         6 => micro::<6>(p, r, kk, panel, y, w.n, c0, width),
@@ -282,7 +288,6 @@ mod avx512 {
                         _ => micro::<1>(p, r, kk, panel, y, w.n, c0, width),
                     }
                 }
-                r += rows;
             }
             c0 += width;
         }
@@ -406,18 +411,15 @@ mod avx512 {
             PANEL.with_borrow_mut(|panel| unsafe { panels(w, p, y, cols, panel) });
             return;
         }
-        let mut r = 0;
-        while r < p.rows {
-            let left = p.rows - r;
+        for (r, rows) in row_tiles(p.rows, 4) {
             unsafe {
-                match left {
+                match rows {
                     1 => tile::<1>(w, p, r, y, cols.clone()),
                     2 => tile_rows::<2>(w, p, r, y, cols.clone()),
                     3 => tile_rows::<3>(w, p, r, y, cols.clone()),
                     _ => tile_rows::<4>(w, p, r, y, cols.clone()),
                 }
             }
-            r += left.min(4);
         }
     }
 

@@ -4,7 +4,7 @@
 //! `GatherBlockQuantized` form); `d` is `[N][K/32]` f32. The result is `Σ_b d·(Σ_j u·x − 128·Σ_j x)`: every product
 //! in f32, unlike `MatMulNBits` at accuracy level 4, which rounds the activations to int8.
 
-use crate::q4_1::{Isa, BLOCK};
+use crate::q4_1::{check_shape, Isa, BLOCK};
 use std::ops::Range;
 
 /// One Q8_0 weight matrix, borrowed from the session's initializers.
@@ -27,17 +27,7 @@ pub struct Prepared8 {
 impl<'w> Q8_0Matrix<'w> {
     /// Checks every length against `k` and `n`.
     pub fn new(k: usize, n: usize, u: &'w [u8], d: &'w [f32]) -> Result<Self, String> {
-        if k == 0 || n == 0 || !k.is_multiple_of(BLOCK) {
-            return Err(format!(
-                "K={k} must be a positive multiple of {BLOCK} and N={n} positive"
-            ));
-        }
-        let nb = k / BLOCK;
-        for (what, got, expected) in [("weights", u.len(), n * k), ("scales", d.len(), n * nb)] {
-            if got != expected {
-                return Err(format!("{what}: {got} values, expected {expected} for K={k}, N={n}"));
-            }
-        }
+        check_shape(k, n, &[("weights", u.len(), BLOCK), ("scales", d.len(), 1)])?;
         Ok(Self { k, n, u, d })
     }
 
@@ -84,22 +74,20 @@ impl<'w> Q8_0Matrix<'w> {
 mod avx512 {
     //! 16 bytes at a time widened to 16 floats (`vpmovzxbd` + `vcvtdq2ps`), shared by up to 4 rows.
     use super::{Prepared8, Q8_0Matrix, BLOCK};
+    use crate::q4_1::row_tiles;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
     pub(super) unsafe fn columns(w: &Q8_0Matrix, p: &Prepared8, y: *mut f32, cols: Range<usize>) {
-        let mut r = 0;
-        while r < p.rows {
-            let left = p.rows - r;
+        for (r, rows) in row_tiles(p.rows, 4) {
             unsafe {
-                match left {
+                match rows {
                     1 => tile::<1>(w, p, r, y, cols.clone()),
                     2 => tile::<2>(w, p, r, y, cols.clone()),
                     3 => tile::<3>(w, p, r, y, cols.clone()),
                     _ => tile::<4>(w, p, r, y, cols.clone()),
                 }
             }
-            r += left.min(4);
         }
     }
 
