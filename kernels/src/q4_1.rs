@@ -31,14 +31,7 @@ pub struct Prepared {
     /// Per row, the sum of x over each block (portable); AVX-512: per row and group, 16 lanes of a quarter of the sum of
     /// the lane's block (4 lanes per block).
     sums: Vec<f32>,
-    /// AVX-512 with `PANEL_ROWS` rows or more: per row, x followed by its block sums (`K + K/32` values).
-    ext: Vec<f32>,
 }
-
-/// From this many rows on (a prompt), weights are dequantized once into f32 panels shared by all rows. Measured on
-/// the bench machine (one thread, all 120 layers): tiles cost 3.6–4.3 ms per row, panels about 34 ms plus 1.9 ms per
-/// row, so they cross near 17 rows.
-pub const PANEL_ROWS: usize = 20;
 
 /// Which instructions run the product; chosen once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,9 +64,6 @@ impl Prepared {
         if self.sums.capacity() * 4 > bytes {
             self.sums = Vec::new();
         }
-        if self.ext.capacity() * 4 > bytes {
-            self.ext = Vec::new();
-        }
     }
 }
 
@@ -99,25 +89,10 @@ impl<'w> Q4_1Matrix<'w> {
         p.rows = rows;
         p.sums.clear();
         p.xs.clear();
-        p.ext.clear();
         match isa {
             Isa::Portable => {
                 p.sums.extend(x.chunks_exact(BLOCK).map(|b| b.iter().sum::<f32>()));
                 p.xs.extend_from_slice(x);
-            }
-            Isa::Avx512 if rows >= PANEL_ROWS => {
-                // Per row: x in the order of the panel's rows (as `xs` below: group g, shift t, lane l), then the
-                // block sums (the rows of the minimums).
-                let ng = self.groups();
-                let kk = ng * 128 + nb;
-                p.ext.resize(rows * kk, 0.0);
-                for (r, xr) in x.chunks_exact(k).enumerate() {
-                    let out = &mut p.ext[r * kk..(r + 1) * kk];
-                    arrange(xr, nb, &mut out[..ng * 128]);
-                    for (s, xb) in out[ng * 128..].iter_mut().zip(xr.chunks_exact(BLOCK)) {
-                        *s = xb.iter().sum::<f32>();
-                    }
-                }
             }
             Isa::Avx512 => {
                 // Row r, group g, shift t (nibble t of each 32-bit lane), lane l: the lane holds bytes 4(l%4)..+4 of
@@ -230,194 +205,23 @@ pub fn f16_to_f32(h: u16) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! The AVX-512 body: 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into its float
-    //! with a shift, one `vpternlogd` and a subtraction, up to 4 rows sharing one dequantization.
-    use super::{f16_to_f32, row_tiles, Prepared, Q4_1Matrix, PANEL_ROWS, PREFETCH_DM, PREFETCH_Q};
-    use std::cell::RefCell;
-
-    thread_local! {
-        /// The calling thread's f32 panel: `[K + K/32][32]`, 32 columns of `q·d` and then of their block minimums.
-        static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// Columns per panel, rows per micro-kernel tile.
-    const PANEL_COLUMNS: usize = 32;
-    const TILE_ROWS: usize = 6;
-
-    /// Many rows: 32 columns at a time dequantized into an f32 panel (`q·d`, exact; its rows in the order of the
-    /// arranged x, then the minimums as K/32 more rows against the block sums), then a 6×32 micro-kernel: per panel
-    /// row, two vectors of it, each row's activation broadcast, 12 accumulators.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn panels(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>, panel: &mut Vec<f32>) {
-        let nb = w.blocks();
-        let ng = w.groups();
-        let kk = ng * 128 + nb;
-        panel.resize(kk * PANEL_COLUMNS, 0.0);
-        let mut c0 = cols.start;
-        while c0 < cols.end {
-            let width = (cols.end - c0).min(PANEL_COLUMNS);
-            for half in 0..PANEL_COLUMNS / 16 {
-                unsafe {
-                    dequantize16(
-                        w,
-                        c0 + 16 * half,
-                        width.saturating_sub(16 * half).min(16),
-                        panel,
-                        16 * half,
-                    )
-                };
-            }
-            for j in 0..PANEL_COLUMNS {
-                for b in 0..nb {
-                    let m = if j < width {
-                        f16_to_f32(w.dm[((c0 + j) * nb + b) * 2 + 1])
-                    } else {
-                        0.0
-                    };
-                    panel[(ng * 128 + b) * PANEL_COLUMNS + j] = m;
-                }
-            }
-            for (r, rows) in row_tiles(p.rows, TILE_ROWS) {
-                unsafe {
-                    match rows {
-                        6 => micro::<6>(p, r, kk, panel, y, w.n, c0, width),
-                        5 => micro::<5>(p, r, kk, panel, y, w.n, c0, width),
-                        4 => micro::<4>(p, r, kk, panel, y, w.n, c0, width),
-                        3 => micro::<3>(p, r, kk, panel, y, w.n, c0, width),
-                        2 => micro::<2>(p, r, kk, panel, y, w.n, c0, width),
-                        _ => micro::<1>(p, r, kk, panel, y, w.n, c0, width),
-                    }
-                }
-            }
-            c0 += width;
-        }
-    }
-
-    /// Panel columns `at..at + 16` from weight columns `c..c + count` (zeros past `count`): per group of 4 blocks and
-    /// shift t, one vector of `q·d` per column (lanes in the arranged order), transposed 16×16 into 16 panel rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn dequantize16(w: &Q4_1Matrix, c: usize, count: usize, panel: &mut [f32], at: usize) {
-        let nb = w.blocks();
-        let mask = _mm512_set1_epi32(0x0F);
-        let magic = _mm512_set1_epi32(0x4B00_0000);
-        let minus_magic = _mm512_set1_ps(-8_388_608.0);
-        for g in 0..w.groups() {
-            let mut v = [_mm512_setzero_si512(); 16];
-            let mut dv = [_mm512_setzero_ps(); 16];
-            let mut offset = [_mm512_setzero_ps(); 16];
-            for j in 0..count {
-                let col = c + j;
-                let (q, d, _) = unsafe {
-                    group(
-                        w.q.as_ptr().add(col * nb * 16),
-                        w.dm.as_ptr().add(col * nb * 2),
-                        g,
-                        nb - 4 * g,
-                    )
-                };
-                (v[j], dv[j], offset[j]) = (q, d, _mm512_mul_ps(d, minus_magic));
-            }
-            for t in 0..8u32 {
-                let mut rows = [_mm512_setzero_ps(); 16];
-                for j in 0..16 {
-                    let shifted = _mm512_srlv_epi32(v[j], _mm512_set1_epi32(4 * t as i32));
-                    let f = _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(shifted, mask, magic));
-                    rows[j] = _mm512_fmadd_ps(f, dv[j], offset[j]);
-                }
-                transpose16(&mut rows);
-                for (l, row) in rows.iter().enumerate() {
-                    let k = g * 128 + t as usize * 16 + l;
-                    unsafe { _mm512_storeu_ps(panel.as_mut_ptr().add(k * PANEL_COLUMNS + at), *row) };
-                }
-            }
-        }
-    }
-
-    /// In-register transpose: `r[i]` lane `j` becomes `r[j]` lane `i`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn transpose16(r: &mut [__m512; 16]) {
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        let pd = _mm512_castps_pd;
-        let ps = _mm512_castpd_ps;
-        for i in 0..4 {
-            r[4 * i] = ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
-            r[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
-            r[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
-            r[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
-        }
-        for i in 0..2 {
-            for j in 0..4 {
-                t[8 * i + j] = _mm512_shuffle_f32x4::<0x88>(r[8 * i + j], r[8 * i + 4 + j]);
-                t[8 * i + 4 + j] = _mm512_shuffle_f32x4::<0xDD>(r[8 * i + j], r[8 * i + 4 + j]);
-            }
-        }
-        for j in 0..8 {
-            r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
-            r[8 + j] = _mm512_shuffle_f32x4::<0xDD>(t[j], t[8 + j]);
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn micro<const R: usize>(
-        p: &Prepared,
-        r0: usize,
-        kk: usize,
-        panel: &[f32],
-        y: *mut f32,
-        n: usize,
-        c0: usize,
-        width: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let x = unsafe { p.ext.as_ptr().add(r0 * kk) };
-        let b = panel.as_ptr();
-        for k in 0..kk {
-            let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(k * 32)), _mm512_loadu_ps(b.add(k * 32 + 16))) };
-            for (r, [a0, a1]) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(unsafe { *x.add(r * kk + k) });
-                *a0 = _mm512_fmadd_ps(xv, b0, *a0);
-                *a1 = _mm512_fmadd_ps(xv, b1, *a1);
-            }
-        }
-        let lo = if width >= 16 { 0xFFFF } else { (1u16 << width) - 1 };
-        let hi = if width >= 32 {
-            0xFFFF
-        } else if width > 16 {
-            (1u16 << (width - 16)) - 1
-        } else {
-            0
-        };
-        for (r, [a0, a1]) in acc.iter().enumerate() {
-            let out = unsafe { y.add((r0 + r) * n + c0) };
-            unsafe {
-                _mm512_mask_storeu_ps(out, lo, *a0);
-                _mm512_mask_storeu_ps(out.add(16), hi, *a1);
-            }
-        }
-    }
+    //! The AVX-512 body: 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into `q·d` with
+    //! a shift, one `vpternlogd` and one FMA, up to 4 rows sharing one dequantization.
+    use super::{row_tiles, Prepared, Q4_1Matrix, PREFETCH_DM, PREFETCH_Q};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// Every column for a tile of up to 4 rows at a time (one row: `tile`; more: `tile_rows`); from `PANEL_ROWS`
-    /// rows on, `panels`.
+    /// Every column for a tile of up to 4 rows at a time. A row's result does not depend on the tile it is in (each row
+    /// runs the same operations in the same order), so a sequence gets the same bits alone, in a batch, or after a
+    /// prefix-cache hit.
     pub(super) unsafe fn columns(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
-        if p.rows >= PANEL_ROWS {
-            PANEL.with_borrow_mut(|panel| unsafe { panels(w, p, y, cols, panel) });
-            return;
-        }
         for (r, rows) in row_tiles(p.rows, 4) {
             unsafe {
                 match rows {
                     1 => tile::<1>(w, p, r, y, cols.clone()),
-                    2 => tile_rows::<2>(w, p, r, y, cols.clone()),
-                    3 => tile_rows::<3>(w, p, r, y, cols.clone()),
-                    _ => tile_rows::<4>(w, p, r, y, cols.clone()),
+                    2 => tile::<2>(w, p, r, y, cols.clone()),
+                    3 => tile::<3>(w, p, r, y, cols.clone()),
+                    _ => tile::<4>(w, p, r, y, cols.clone()),
                 }
             }
         }
@@ -460,55 +264,10 @@ mod avx512 {
         std::array::from_fn(|t| f(_mm512_srlv_epi32(v, _mm512_set1_epi32(4 * t as i32))))
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
-        let nb = w.blocks();
-        let ng = w.groups();
-        let stride = ng * 128;
-        let mask = _mm512_set1_epi32(0x0F);
-        let magic = _mm512_set1_epi32(0x4B00_0000);
-        let magic_f = _mm512_set1_ps(8_388_608.0);
-        let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
-        let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
-        for c in cols {
-            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
-            let mut tot = [_mm512_setzero_ps(); R];
-            for g in 0..ng {
-                let (v, dv, mv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-                // Nibble t of each lane as the float 2^23 + q (its bits OR 0x4B000000), minus 2^23: exactly q.
-                let nib = |x: __m512i| {
-                    _mm512_sub_ps(
-                        _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
-                        magic_f,
-                    )
-                };
-                let q = nibbles(v, nib);
-                for (r, t) in tot.iter_mut().enumerate() {
-                    let xg = unsafe { xs.add(r * stride + g * 128) };
-                    let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
-                    let mut a0 = _mm512_mul_ps(q[0], ld(0));
-                    let mut a1 = _mm512_mul_ps(q[1], ld(1));
-                    a0 = _mm512_fmadd_ps(q[2], ld(2), a0);
-                    a1 = _mm512_fmadd_ps(q[3], ld(3), a1);
-                    a0 = _mm512_fmadd_ps(q[4], ld(4), a0);
-                    a1 = _mm512_fmadd_ps(q[5], ld(5), a1);
-                    a0 = _mm512_fmadd_ps(q[6], ld(6), a0);
-                    a1 = _mm512_fmadd_ps(q[7], ld(7), a1);
-                    *t = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), dv, *t);
-                    *t = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(sums.add(r * ng * 16 + g * 16)) }, *t);
-                }
-            }
-            for (r, t) in tot.iter().enumerate() {
-                unsafe { *y.add((r0 + r) * w.n + c) = _mm512_reduce_add_ps(*t) };
-            }
-        }
-    }
-
-    /// Several rows: the scale folded into the dequantized weights once (`fma(2^23 + q, d, -2^23·d)` is `q·d`, exact:
+    /// Up to 4 rows: the scale folded into the dequantized weights once (`fma(2^23 + q, d, -2^23·d)` is `q·d`, exact:
     /// 4 by 11 significant bits), so each row pays 9 FMAs per 128 weights, accumulated across blocks in two chains.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn tile_rows<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
+    unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
         let nb = w.blocks();
         let ng = w.groups();
         let stride = ng * 128;
@@ -635,7 +394,7 @@ mod tests {
         for isa in isas() {
             // K=576: 18 blocks (a group of 2 at the end); K=1536: 48 blocks; K=32 and K=96: less than one group.
             for (k, n) in [(576, 40), (1536, 17), (32, 3), (96, 5), (160, 9)] {
-                for rows in [1, 2, 3, 4, 5, 9, 19, 20, 27] {
+                for rows in [1, 2, 3, 4, 5, 9] {
                     check(isa, k, n, rows, &[0..n / 2, n / 2..n]);
                 }
             }
@@ -645,32 +404,34 @@ mod tests {
     #[test]
     fn column_ranges_can_be_split_across_callers() {
         for isa in isas() {
-            for rows in [3, 21] {
+            for rows in [3, 6] {
                 check(isa, 576, 70, rows, &[0..7, 7..32, 32..49, 49..50, 50..70]);
             }
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_16_by_16_transpose_is_one() {
-        use std::arch::x86_64::*;
-        if Isa::detect() != Isa::Avx512 {
-            return;
-        }
-        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
-        let mut out = [0f32; 256];
-        // SAFETY: AVX-512 is present (checked above); the pointers cover 256 floats.
-        unsafe {
-            let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
-            avx512::transpose16(&mut r);
-            for (i, v) in r.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *v);
-            }
-        }
-        for i in 0..16 {
-            for j in 0..16 {
-                assert_eq!(out[16 * i + j], m[16 * j + i], "({i}, {j})");
+    fn a_row_gets_the_same_bits_whatever_the_rows_beside_it() {
+        let (k, n, rows) = (576, 24, 7);
+        let mut rng = Rng(99);
+        let nb = k / BLOCK;
+        let q: Vec<u8> = (0..n * nb * 16).map(|_| rng.next() as u8).collect();
+        let dm: Vec<u16> = (0..n * nb * 2)
+            .map(|i| if i % 2 == 0 { 0x2000 } else { 0xA400 } + (rng.next() % 0x300) as u16)
+            .collect();
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
+        let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();
+        for isa in isas() {
+            let mut p = Prepared::default();
+            m.prepare(isa, &x, rows, &mut p);
+            let mut together = vec![0f32; rows * n];
+            unsafe { m.columns(isa, &p, together.as_mut_ptr(), 0..n) };
+            for r in 0..rows {
+                m.prepare(isa, &x[r * k..(r + 1) * k], 1, &mut p);
+                let mut alone = vec![0f32; n];
+                unsafe { m.columns(isa, &p, alone.as_mut_ptr(), 0..n) };
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&alone), bits(&together[r * n..(r + 1) * n]), "{isa:?} row {r}");
             }
         }
     }

@@ -154,6 +154,12 @@ mod tests {
                     unsafe { m.columns(isa, &p, y.as_mut_ptr(), cols) };
                 }
                 for r in 0..rows {
+                    // The same bits alone as beside other rows.
+                    m.prepare(&x[r * k..(r + 1) * k], 1, &mut p);
+                    let mut alone = vec![0f32; n];
+                    unsafe { m.columns(isa, &p, alone.as_mut_ptr(), 0..n) };
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&alone), bits(&y[r * n..(r + 1) * n]), "{isa:?} row {r}");
                     for c in 0..n {
                         let want: f64 = (0..k)
                             .map(|j| d[c * nb + j / BLOCK] as f64 * (u[c * k + j] as f64 - 128.0) * x[r * k + j] as f64)
