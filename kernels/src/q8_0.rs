@@ -16,11 +16,10 @@ pub struct Q8_0Matrix<'w> {
     d: &'w [f32],
 }
 
-/// Per-call activations (a copy of x and its block sums), reused between calls.
+/// Per-call block sums of the activations, reused between calls.
 #[derive(Default)]
 pub struct Prepared8 {
     rows: usize,
-    x: Vec<f32>,
     sums: Vec<f32>,
 }
 
@@ -31,36 +30,36 @@ impl<'w> Q8_0Matrix<'w> {
         Ok(Self { k, n, u, d })
     }
 
-    /// Keeps `rows` rows of `x` (`[rows][K]`) and their block sums for `columns`.
+    /// The block sums of `rows` rows of `x` (`[rows][K]`) for `columns`.
     pub fn prepare(&self, x: &[f32], rows: usize, p: &mut Prepared8) {
         debug_assert_eq!(x.len(), rows * self.k);
         p.rows = rows;
-        p.x.clear();
-        p.x.extend_from_slice(x);
         p.sums.clear();
         p.sums.extend(x.chunks_exact(BLOCK).map(|b| b.iter().sum::<f32>()));
     }
 
-    /// Writes `y[r][c]` for every prepared row and every column in `cols` (`y` is `[rows][N]`).
+    /// Writes `y[r][c]` for every row of `x` (the one `p` was prepared from) and every column in `cols` (`y` is
+    /// `[rows][N]`).
     ///
     /// # Safety
     /// `y` must point to `rows × N` floats, and no other thread may touch these columns meanwhile.
-    pub unsafe fn columns(&self, isa: Isa, p: &Prepared8, y: *mut f32, cols: Range<usize>) {
+    pub unsafe fn columns(&self, isa: Isa, x: &[f32], p: &Prepared8, y: *mut f32, cols: Range<usize>) {
+        debug_assert_eq!(x.len(), p.rows * self.k);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::columns(self, p, y, cols) },
-            _ => unsafe { self.columns_portable(p, y, cols) },
+            Isa::Avx512 => unsafe { avx512::columns(self, x, p, y, cols) },
+            _ => unsafe { self.columns_portable(x, p, y, cols) },
         }
     }
 
-    unsafe fn columns_portable(&self, p: &Prepared8, y: *mut f32, cols: Range<usize>) {
+    unsafe fn columns_portable(&self, xs: &[f32], p: &Prepared8, y: *mut f32, cols: Range<usize>) {
         let (k, nb) = (self.k, self.k / BLOCK);
         for r in 0..p.rows {
             for c in cols.clone() {
                 let mut acc = 0f32;
                 for b in 0..nb {
                     let u = &self.u[c * k + b * BLOCK..c * k + (b + 1) * BLOCK];
-                    let x = &p.x[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
+                    let x = &xs[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
                     let dot: f32 = u.iter().zip(x).map(|(&u, &x)| u as f32 * x).sum();
                     acc += self.d[c * nb + b] * (dot - 128.0 * p.sums[r * nb + b]);
                 }
@@ -78,21 +77,28 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    pub(super) unsafe fn columns(w: &Q8_0Matrix, p: &Prepared8, y: *mut f32, cols: Range<usize>) {
+    pub(super) unsafe fn columns(w: &Q8_0Matrix, x: &[f32], p: &Prepared8, y: *mut f32, cols: Range<usize>) {
         for (r, rows) in row_tiles(p.rows, 4) {
             unsafe {
                 match rows {
-                    1 => tile::<1>(w, p, r, y, cols.clone()),
-                    2 => tile::<2>(w, p, r, y, cols.clone()),
-                    3 => tile::<3>(w, p, r, y, cols.clone()),
-                    _ => tile::<4>(w, p, r, y, cols.clone()),
+                    1 => tile::<1>(w, x, p, r, y, cols.clone()),
+                    2 => tile::<2>(w, x, p, r, y, cols.clone()),
+                    3 => tile::<3>(w, x, p, r, y, cols.clone()),
+                    _ => tile::<4>(w, x, p, r, y, cols.clone()),
                 }
             }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn tile<const R: usize>(w: &Q8_0Matrix, p: &Prepared8, r0: usize, y: *mut f32, cols: Range<usize>) {
+    unsafe fn tile<const R: usize>(
+        w: &Q8_0Matrix,
+        xs: &[f32],
+        p: &Prepared8,
+        r0: usize,
+        y: *mut f32,
+        cols: Range<usize>,
+    ) {
         let (k, nb) = (w.k, w.k / BLOCK);
         for c in cols {
             let row = unsafe { w.u.as_ptr().add(c * k) };
@@ -108,7 +114,7 @@ mod avx512 {
                 };
                 let d = w.d[c * nb + b];
                 for (i, (t, corr)) in tot.iter_mut().zip(&mut corr).enumerate() {
-                    let x = unsafe { p.x.as_ptr().add((r0 + i) * k + b * BLOCK) };
+                    let x = unsafe { xs.as_ptr().add((r0 + i) * k + b * BLOCK) };
                     let block = unsafe {
                         _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.add(16)), _mm512_mul_ps(lo, _mm512_loadu_ps(x)))
                     };
@@ -151,13 +157,13 @@ mod tests {
                 m.prepare(&x, rows, &mut p);
                 let mut y = vec![f32::NAN; rows * n];
                 for cols in [0..n / 2, n / 2..n] {
-                    unsafe { m.columns(isa, &p, y.as_mut_ptr(), cols) };
+                    unsafe { m.columns(isa, &x, &p, y.as_mut_ptr(), cols) };
                 }
                 for r in 0..rows {
                     // The same bits alone as beside other rows.
                     m.prepare(&x[r * k..(r + 1) * k], 1, &mut p);
                     let mut alone = vec![0f32; n];
-                    unsafe { m.columns(isa, &p, alone.as_mut_ptr(), 0..n) };
+                    unsafe { m.columns(isa, &x[r * k..(r + 1) * k], &p, alone.as_mut_ptr(), 0..n) };
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&alone), bits(&y[r * n..(r + 1) * n]), "{isa:?} row {r}");
                     for c in 0..n {

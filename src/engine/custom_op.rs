@@ -129,7 +129,7 @@ impl Kernel for Q8Kernel<'_> {
                 let tasks = self.tasks.min(n);
                 let task = move |i: usize| {
                     // SAFETY: `ys` holds rows × N floats and each task owns its columns.
-                    unsafe { matrix.columns(isa, prepared, out.get(), i * n / tasks..(i + 1) * n / tasks) }
+                    unsafe { matrix.columns(isa, xs, prepared, out.get(), i * n / tasks..(i + 1) * n / tasks) }
                 };
                 run_tasks(ctx, tasks, &task)
             })
