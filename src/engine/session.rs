@@ -27,6 +27,11 @@ const KV_BUDGET_BYTES: usize = 1 << 30;
 /// The id of the one sequence of single-stream ([`Model`]) use; batch ids start at 1.
 const SINGLE: SeqId = 0;
 
+/// Held while a session is built. ONNX Runtime adds a custom operator domain to ONNX's process-wide domain map with
+/// an unlocked check-then-insert, so two sessions built at once (two engines in one process) could both insert
+/// `ai.lambda_llm` and the second fails to load ("the domain is already exist"); other builds read that map.
+static SESSION_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Options for building the session.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -130,6 +135,7 @@ impl OnnxModel {
         }
         let (file, isa) = options.kernels.choose(&manifest);
         let path = dir.join(file);
+        let guard = SESSION_BUILD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut builder = Session::builder(env).map_err(backend)?;
         if let Some(isa) = isa {
             builder = builder
@@ -149,6 +155,7 @@ impl OnnxModel {
             .map_err(backend)?
             .commit_from_file(&path)
             .map_err(|e| ModelError::Backend(format!("cannot load {}: {e}", path.display())))?;
+        drop(guard);
         let io: &IoNames = &manifest.io;
         let names = Names {
             input_ids: c_name(&io.input_ids)?,
