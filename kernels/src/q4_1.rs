@@ -206,7 +206,8 @@ pub fn f16_to_f32(h: u16) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! The AVX-512 body: 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into `q·d` with
-    //! a shift, one `vpternlogd` and one FMA, up to 4 rows sharing one dequantization.
+    //! a shift, one `vpternlogd` and one FMA, up to 4 rows sharing one dequantization; from 8 rows, each column is
+    //! dequantized once per call into a panel that every row reads, with the same FMAs in the same order.
     use super::{row_tiles, Prepared, Q4_1Matrix, PREFETCH_DM, PREFETCH_Q};
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -215,6 +216,9 @@ mod avx512 {
     /// runs the same operations in the same order), so a sequence gets the same bits alone, in a batch, or after a
     /// prefix-cache hit.
     pub(super) unsafe fn columns(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
+        if p.rows >= PANEL_ROWS {
+            return unsafe { panels(w, p, y, cols) };
+        }
         for (r, rows) in row_tiles(p.rows, 4) {
             unsafe {
                 match rows {
@@ -223,6 +227,117 @@ mod avx512 {
                     3 => tile::<3>(w, p, r, y, cols.clone()),
                     _ => tile::<4>(w, p, r, y, cols.clone()),
                 }
+            }
+        }
+    }
+
+    /// Rows from which a call dequantizes each column once into a panel instead of once per tile of 4 rows.
+    const PANEL_ROWS: usize = 8;
+    /// Columns per panel and rows per pass over it.
+    const PANEL_COLS: usize = 4;
+    const PANEL_PASS: usize = 3;
+
+    thread_local! {
+        /// Dequantized columns: per column, per group, the 8 weight vectors and the minimum vector of `tile`.
+        static PANEL: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Many rows: each block of `PANEL_COLS` columns is dequantized once into a panel (the very vectors `tile` makes),
+    /// then every row runs `tile`'s FMAs, in `tile`'s order, against it, so a row's bits match `tile`'s.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn panels(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
+        let per_col = w.groups() * 9;
+        PANEL.with_borrow_mut(|panel| {
+            panel.resize(PANEL_COLS * per_col, _mm512_setzero_ps());
+            let mut c = cols.start;
+            while c < cols.end {
+                let width = (cols.end - c).min(PANEL_COLS);
+                for (i, dst) in panel.chunks_exact_mut(per_col).take(width).enumerate() {
+                    unsafe { dequantize(w, c + i, dst) };
+                }
+                for (r, rows) in row_tiles(p.rows, PANEL_PASS) {
+                    unsafe {
+                        match (rows, width) {
+                            (3, 4) => pass::<3, 4>(w, p, panel, r, y, c),
+                            (2, 4) => pass::<2, 4>(w, p, panel, r, y, c),
+                            (1, 4) => pass::<1, 4>(w, p, panel, r, y, c),
+                            (3, _) => (0..width).for_each(|i| pass::<3, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
+                            (2, _) => (0..width).for_each(|i| pass::<2, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
+                            _ => (0..width).for_each(|i| pass::<1, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
+                        }
+                    }
+                }
+                c += width;
+            }
+        });
+    }
+
+    /// Column `c`'s weight vectors, exactly as `tile` forms them, into `dst` (per group: 8 of `q·d`, then `m`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
+        let nb = w.blocks();
+        let mask = _mm512_set1_epi32(0x0F);
+        let magic = _mm512_set1_epi32(0x4B00_0000);
+        let minus_magic = _mm512_set1_ps(-8_388_608.0);
+        let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
+        let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+        for (g, out) in dst.chunks_exact_mut(9).enumerate() {
+            let (v, dv, mv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
+            let offset = _mm512_mul_ps(dv, minus_magic);
+            let q = nibbles(v, |x| {
+                _mm512_fmadd_ps(
+                    _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
+                    dv,
+                    offset,
+                )
+            });
+            out[..8].copy_from_slice(&q);
+            out[8] = mv;
+        }
+    }
+
+    /// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`: per (row, column), `tile`'s two chains.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    #[allow(clippy::needless_range_loop)] // columns outside rows: each weight vector is loaded once per row pass
+    unsafe fn pass<const R: usize, const C: usize>(
+        w: &Q4_1Matrix,
+        p: &Prepared,
+        panel: &[__m512],
+        r0: usize,
+        y: *mut f32,
+        c0: usize,
+    ) {
+        let ng = w.groups();
+        let stride = ng * 128;
+        let per_col = ng * 9;
+        let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
+        let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
+        let col = |c: usize, g: usize| unsafe { panel.as_ptr().add(c * per_col + g * 9) };
+        let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
+        for g in 0..ng {
+            for t in (0..8).step_by(2) {
+                let xg = |r: usize, t: usize| unsafe { _mm512_loadu_ps(xs.add(r * stride + g * 128 + 16 * t)) };
+                for (half, t) in [t, t + 1].into_iter().enumerate() {
+                    let x: [__m512; R] = std::array::from_fn(|r| xg(r, t));
+                    for c in 0..C {
+                        let wt = unsafe { *col(c, g).add(t) };
+                        for r in 0..R {
+                            acc[r][c][half] = _mm512_fmadd_ps(wt, x[r], acc[r][c][half]);
+                        }
+                    }
+                }
+            }
+            let s: [__m512; R] = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(sums.add(r * ng * 16 + g * 16)) });
+            for c in 0..C {
+                let mv = unsafe { *col(c, g).add(8) };
+                for r in 0..R {
+                    acc[r][c][0] = _mm512_fmadd_ps(mv, s[r], acc[r][c][0]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, [a0, a1]) in row.iter().enumerate() {
+                unsafe { *y.add((r0 + r) * w.n + c0 + c) = _mm512_reduce_add_ps(_mm512_add_ps(*a0, *a1)) };
             }
         }
     }
@@ -394,7 +509,7 @@ mod tests {
         for isa in isas() {
             // K=576: 18 blocks (a group of 2 at the end); K=1536: 48 blocks; K=32 and K=96: less than one group.
             for (k, n) in [(576, 40), (1536, 17), (32, 3), (96, 5), (160, 9)] {
-                for rows in [1, 2, 3, 4, 5, 9] {
+                for rows in [1, 2, 3, 4, 5, 8, 9, 13] {
                     check(isa, k, n, rows, &[0..n / 2, n / 2..n]);
                 }
             }
@@ -404,7 +519,7 @@ mod tests {
     #[test]
     fn column_ranges_can_be_split_across_callers() {
         for isa in isas() {
-            for rows in [3, 6] {
+            for rows in [3, 6, 10] {
                 check(isa, 576, 70, rows, &[0..7, 7..32, 32..49, 49..50, 50..70]);
             }
         }
@@ -412,7 +527,7 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_whatever_the_rows_beside_it() {
-        let (k, n, rows) = (576, 24, 7);
+        let (k, n, rows) = (576, 23, 11);
         let mut rng = Rng(99);
         let nb = k / BLOCK;
         let q: Vec<u8> = (0..n * nb * 16).map(|_| rng.next() as u8).collect();
