@@ -28,8 +28,7 @@ pub struct Prepared {
     rows: usize,
     /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); portable: a copy of x.
     xs: Vec<f32>,
-    /// Per row, the sum of x over each block (portable); AVX-512: per row and group, 16 lanes of a quarter of the sum of
-    /// the lane's block (4 lanes per block).
+    /// Per row, the sum of x over each block; AVX-512 pads each row to whole vectors of 16 blocks with zeros.
     sums: Vec<f32>,
 }
 
@@ -82,6 +81,11 @@ impl<'w> Q4_1Matrix<'w> {
         self.blocks().div_ceil(4)
     }
 
+    /// Vectors of 16 block minimums per column.
+    fn min_vectors(&self) -> usize {
+        self.blocks().div_ceil(16)
+    }
+
     /// Rearranges `rows` rows of `x` (`[rows][K]`) for `columns`.
     pub fn prepare(&self, isa: Isa, x: &[f32], rows: usize, p: &mut Prepared) {
         let (k, nb) = (self.k, self.blocks());
@@ -97,13 +101,12 @@ impl<'w> Q4_1Matrix<'w> {
             Isa::Avx512 => {
                 // Row r, group g, shift t (nibble t of each 32-bit lane), lane l: the lane holds bytes 4(l%4)..+4 of
                 // block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block.
-                let ng = self.groups();
+                let (ng, nh) = (self.groups(), self.min_vectors());
                 p.xs.resize(rows * ng * 128, 0.0);
-                p.sums.resize(rows * ng * 16, 0.0);
+                p.sums.resize(rows * nh * 16, 0.0);
                 for (r, xr) in x.chunks_exact(k).enumerate() {
                     for (b, xb) in xr.chunks_exact(BLOCK).enumerate() {
-                        let quarter = xb.iter().sum::<f32>() / 4.0;
-                        p.sums[r * ng * 16 + 4 * b..r * ng * 16 + 4 * b + 4].fill(quarter);
+                        p.sums[r * nh * 16 + b] = xb.iter().sum::<f32>();
                     }
                     arrange(xr, nb, &mut p.xs[r * ng * 128..(r + 1) * ng * 128]);
                 }
@@ -238,7 +241,7 @@ mod avx512 {
     const PANEL_PASS: usize = 3;
 
     thread_local! {
-        /// Dequantized columns: per column, per group, the 8 weight vectors and the minimum vector of `tile`.
+        /// Dequantized columns: per column, per group the 8 weight vectors of `tile`, then its minimum vectors.
         static PANEL: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
@@ -246,7 +249,7 @@ mod avx512 {
     /// then every row runs `tile`'s FMAs, in `tile`'s order, against it, so a row's bits match `tile`'s.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn panels(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
-        let per_col = w.groups() * 9;
+        let per_col = w.groups() * 8 + w.min_vectors();
         PANEL.with_borrow_mut(|panel| {
             panel.resize(PANEL_COLS * per_col, _mm512_setzero_ps());
             let mut c = cols.start;
@@ -272,31 +275,23 @@ mod avx512 {
         });
     }
 
-    /// Column `c`'s weight vectors, exactly as `tile` forms them, into `dst` (per group: 8 of `q·d`, then `m`).
+    /// Column `c`'s weight vectors and minimum vectors, exactly as `tile` forms them, into `dst`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
         let nb = w.blocks();
-        let mask = _mm512_set1_epi32(0x0F);
-        let magic = _mm512_set1_epi32(0x4B00_0000);
-        let minus_magic = _mm512_set1_ps(-8_388_608.0);
         let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
         let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
-        for (g, out) in dst.chunks_exact_mut(9).enumerate() {
-            let (v, dv, mv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-            let offset = _mm512_mul_ps(dv, minus_magic);
-            let q = nibbles(v, |x| {
-                _mm512_fmadd_ps(
-                    _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
-                    dv,
-                    offset,
-                )
-            });
-            out[..8].copy_from_slice(&q);
-            out[8] = mv;
+        let (weights, mins) = dst.split_at_mut(w.groups() * 8);
+        for (g, out) in weights.chunks_exact_mut(8).enumerate() {
+            let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
+            out.copy_from_slice(&scaled(v, dv));
+        }
+        for (h, out) in mins.iter_mut().enumerate() {
+            *out = unsafe { min_vector(dmrow, nb, h) };
         }
     }
 
-    /// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`: per (row, column), `tile`'s two chains.
+    /// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`: per (row, column), `tile`'s chains.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     #[allow(clippy::needless_range_loop)] // columns outside rows: each weight vector is loaded once per row pass
     unsafe fn pass<const R: usize, const C: usize>(
@@ -307,12 +302,12 @@ mod avx512 {
         y: *mut f32,
         c0: usize,
     ) {
-        let ng = w.groups();
+        let (ng, nh) = (w.groups(), w.min_vectors());
         let stride = ng * 128;
-        let per_col = ng * 9;
+        let per_col = ng * 8 + nh;
         let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
-        let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
-        let col = |c: usize, g: usize| unsafe { panel.as_ptr().add(c * per_col + g * 9) };
+        let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
+        let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
         let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
         for g in 0..ng {
             for t in (0..8).step_by(2) {
@@ -320,34 +315,44 @@ mod avx512 {
                 for (half, t) in [t, t + 1].into_iter().enumerate() {
                     let x: [__m512; R] = std::array::from_fn(|r| xg(r, t));
                     for c in 0..C {
-                        let wt = unsafe { *col(c, g).add(t) };
+                        let wt = unsafe { *col(c).add(g * 8 + t) };
                         for r in 0..R {
                             acc[r][c][half] = _mm512_fmadd_ps(wt, x[r], acc[r][c][half]);
                         }
                     }
                 }
             }
-            let s: [__m512; R] = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(sums.add(r * ng * 16 + g * 16)) });
+        }
+        let mut sum = [[_mm512_setzero_ps(); C]; R];
+        for r in 0..R {
             for c in 0..C {
-                let mv = unsafe { *col(c, g).add(8) };
+                sum[r][c] = _mm512_add_ps(acc[r][c][0], acc[r][c][1]);
+            }
+        }
+        let mut minus = [[_mm512_setzero_ps(); C]; R];
+        for h in 0..nh {
+            let s: [__m512; R] = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(sums.add(r * nh * 16 + h * 16)) });
+            for c in 0..C {
+                let mv = unsafe { *col(c).add(ng * 8 + h) };
                 for r in 0..R {
-                    acc[r][c][0] = _mm512_fmadd_ps(mv, s[r], acc[r][c][0]);
+                    minus[r][c] = _mm512_fmadd_ps(mv, s[r], minus[r][c]);
                 }
             }
         }
-        for (r, row) in acc.iter().enumerate() {
-            for (c, [a0, a1]) in row.iter().enumerate() {
-                unsafe { *y.add((r0 + r) * w.n + c0 + c) = _mm512_reduce_add_ps(_mm512_add_ps(*a0, *a1)) };
+        for r in 0..R {
+            for c in 0..C {
+                let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r][c], minus[r][c]));
+                unsafe { *y.add((r0 + r) * w.n + c0 + c) = v };
             }
         }
     }
 
     /// Group `g` of a column (`left` blocks from it to the column's end): its 4 blocks of nibbles (64 bytes) and each
-    /// lane's scale and minimum (lane l: block 4g + l/4), zeros past the last block; it also fetches a few columns
-    /// ahead, as the weights stream from memory once per call.
+    /// lane's scale (lane l: block 4g + l/4), zeros past the last block; it also fetches a few columns ahead, as the
+    /// weights stream from memory once per call.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m512i, __m512, __m512) {
+    unsafe fn group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m512i, __m512) {
         _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 64 + PREFETCH_Q).cast());
         _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 8 + PREFETCH_DM).cast());
         let (v, dm) = unsafe {
@@ -365,47 +370,64 @@ mod avx512 {
                 )
             }
         };
-        // The 8 halves d0 m0 d1 m1 … as floats, then spread: 4 lanes per block.
+        // The 8 halves d0 m0 d1 m1 … as floats; each block's d spread over its 4 lanes.
         let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(dm));
         let d = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), dm);
-        let m = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7), dm);
-        (v, d, m)
+        (v, d)
     }
 
-    /// Nibble t (0..8) of every 32-bit lane of `v`, each made a vector of floats by `f`.
+    /// The minimums of blocks `16h..16h + 16` of a column (`nb` blocks), zeros past the last.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn min_vector(dmrow: *const u16, nb: usize, h: usize) -> __m512 {
+        let left = nb - 16 * h;
+        let v = unsafe {
+            if left >= 16 {
+                _mm512_loadu_si512(dmrow.add(32 * h).cast())
+            } else {
+                _mm512_maskz_loadu_epi16(((1u64 << (2 * left)) - 1) as u32, dmrow.add(32 * h).cast())
+            }
+        };
+        let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+        let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v));
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        _mm512_permutex2var_ps(lo, odd, hi)
+    }
+
+    /// The 8 vectors of `q·d` of a group: nibble t of every 32-bit lane of `v` as `fma(2^23 + q, d, -2^23·d)`, which
+    /// is `q·d` exactly (4 by 11 significant bits).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn nibbles(v: __m512i, f: impl Fn(__m512i) -> __m512) -> [__m512; 8] {
-        std::array::from_fn(|t| f(_mm512_srlv_epi32(v, _mm512_set1_epi32(4 * t as i32))))
+    fn scaled(v: __m512i, d: __m512) -> [__m512; 8] {
+        let mask = _mm512_set1_epi32(0x0F);
+        let magic = _mm512_set1_epi32(0x4B00_0000);
+        let offset = _mm512_mul_ps(d, _mm512_set1_ps(-8_388_608.0));
+        std::array::from_fn(|t| {
+            let x = _mm512_srlv_epi32(v, _mm512_set1_epi32(4 * t as i32));
+            _mm512_fmadd_ps(
+                _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
+                d,
+                offset,
+            )
+        })
     }
 
-    /// Up to 4 rows: the scale folded into the dequantized weights once (`fma(2^23 + q, d, -2^23·d)` is `q·d`, exact:
-    /// 4 by 11 significant bits), so each row pays 9 FMAs per 128 weights, accumulated across blocks in two chains.
+    /// Up to 4 rows sharing each group's dequantization: per row 8 FMAs per 128 weights in two chains, then the
+    /// minimums' term `Σ_b m_b·Σx_b` 16 blocks per FMA.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
         let nb = w.blocks();
-        let ng = w.groups();
+        let (ng, nh) = (w.groups(), w.min_vectors());
         let stride = ng * 128;
-        let mask = _mm512_set1_epi32(0x0F);
-        let magic = _mm512_set1_epi32(0x4B00_0000);
-        let minus_magic = _mm512_set1_ps(-8_388_608.0);
         let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
-        let sums = unsafe { p.sums.as_ptr().add(r0 * ng * 16) };
+        let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
         for c in cols {
             let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
             let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for g in 0..ng {
-                let (v, dv, mv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-                let offset = _mm512_mul_ps(dv, minus_magic);
-                let wq = |x: __m512i| {
-                    _mm512_fmadd_ps(
-                        _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
-                        dv,
-                        offset,
-                    )
-                };
-                let q = nibbles(v, wq);
+                let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
+                let q = scaled(v, dv);
                 for (r, [a0, a1]) in acc.iter_mut().enumerate() {
                     let xg = unsafe { xs.add(r * stride + g * 128) };
                     let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
@@ -417,11 +439,19 @@ mod avx512 {
                     *a1 = _mm512_fmadd_ps(q[5], ld(5), *a1);
                     *a0 = _mm512_fmadd_ps(q[6], ld(6), *a0);
                     *a1 = _mm512_fmadd_ps(q[7], ld(7), *a1);
-                    *a0 = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(sums.add(r * ng * 16 + g * 16)) }, *a0);
                 }
             }
-            for (r, [a0, a1]) in acc.iter().enumerate() {
-                unsafe { *y.add((r0 + r) * w.n + c) = _mm512_reduce_add_ps(_mm512_add_ps(*a0, *a1)) };
+            let sum: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(acc[r][0], acc[r][1]));
+            let mut minus = [_mm512_setzero_ps(); R];
+            for h in 0..nh {
+                let mv = unsafe { min_vector(dmrow, nb, h) };
+                for (r, m) in minus.iter_mut().enumerate() {
+                    *m = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(sums.add(r * nh * 16 + h * 16)) }, *m);
+                }
+            }
+            for r in 0..R {
+                let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r], minus[r]));
+                unsafe { *y.add((r0 + r) * w.n + c) = v };
             }
         }
     }
