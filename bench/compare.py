@@ -187,8 +187,12 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("lambda-llm relative to llama.cpp and Python ONNX Runtime (medians; 1.0 = equal)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        return f"cannot write the chart {path}: {e}"
+    finally:
+        plt.close(fig)
     return None
 
 
@@ -259,6 +263,11 @@ def main(argv=None) -> int:
     threads = [int(x) for x in a.threads.split(",") if x.strip()]
     a.binary = os.path.abspath(a.binary)
     a.model_dir = os.path.abspath(a.model_dir)
+    try:  # before minutes of runs, not after them
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    except OSError as e:
+        log(f"error: cannot create the directory of --out {a.out}: {e}")
+        return 2
     if not (os.path.isfile(a.binary) and os.access(a.binary, os.X_OK)):
         log(f"error: lambda-llm binary not found or not executable: {a.binary} (build it: cargo build --release)")
         return 2
