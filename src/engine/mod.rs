@@ -5,6 +5,7 @@ pub mod chat;
 pub mod custom_op;
 pub mod kv;
 pub mod manifest;
+pub mod readahead;
 pub mod runtime;
 pub mod session;
 pub mod tokenizer;

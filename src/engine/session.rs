@@ -134,6 +134,17 @@ impl OnnxModel {
             )));
         }
         let (file, isa) = options.kernels.choose(&manifest);
+        let own_weights = if isa.is_some() {
+            manifest.files.fast_weights.as_deref()
+        } else {
+            None
+        };
+        super::readahead::start(
+            dir,
+            [Some(file), manifest.files.weights.as_deref(), own_weights]
+                .into_iter()
+                .flatten(),
+        );
         let path = dir.join(file);
         let guard = SESSION_BUILD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut builder = Session::builder(env).map_err(backend)?;
