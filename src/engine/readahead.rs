@@ -70,7 +70,10 @@ mod tests {
 
     #[test]
     fn a_file_out_of_the_page_cache_is_read_back_in() {
-        let dir = std::env::temp_dir().join(format!("lambda-llm-readahead-{}", std::process::id()));
+        // Beside the test binary: the target directory is on a disk, where the page cache can drop a file (on a
+        // tmpfs /tmp it could not).
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.with_file_name(format!("readahead-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let len = 16 << 20;
         let path = dir.join("weights.bin");
