@@ -47,7 +47,8 @@ impl<'w> Q8_0Matrix<'w> {
         debug_assert_eq!(x.len(), p.rows * self.k);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::columns(self, x, p, y, cols) },
+            // The LM head stays in f32 under the BF16 body too.
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx512::columns(self, x, p, y, cols) },
             _ => unsafe { self.columns_portable(x, p, y, cols) },
         }
     }
