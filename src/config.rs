@@ -63,7 +63,8 @@ pub struct Config {
     pub max_batch: usize,
     /// Memory for the prefix cache in bytes (`PREFIX_CACHE_MB`; 0 disables it).
     pub prefix_cache_bytes: usize,
-    /// `KERNELS=auto|ort`: our AVX-512 Q4_1 kernel where the CPU has it (default), or ONNX Runtime's everywhere.
+    /// `KERNELS=auto|bf16|ort`: our exact AVX-512 Q4_1 kernel where the CPU has it (default), its faster bfloat16
+    /// variant (not exact) where the CPU has AVX512_BF16, or ONNX Runtime's everywhere.
     pub kernels: crate::engine::Kernels,
 }
 
@@ -185,11 +186,12 @@ impl Config {
         let kernels = match get("KERNELS").as_deref().map(str::trim) {
             None | Some("auto") => crate::engine::Kernels::Auto,
             Some("ort") => crate::engine::Kernels::Ort,
+            Some("bf16") => crate::engine::Kernels::Bf16,
             Some(other) => {
                 return Err(ConfigError {
                     name: "KERNELS",
                     value: other.into(),
-                    reason: "expected auto or ort",
+                    reason: "expected auto, bf16 or ort",
                 })
             }
         };
@@ -275,7 +277,7 @@ mod tests {
     }
 
     #[test]
-    fn kernels_default_to_auto_and_can_be_pinned_to_onnx_runtime() {
+    fn kernels_default_to_auto_and_can_be_pinned_to_onnx_runtime_or_bfloat16() {
         use crate::engine::Kernels;
         assert_eq!(cfg(&[]).unwrap().kernels, Kernels::Auto);
         assert_eq!(
@@ -286,7 +288,9 @@ mod tests {
             cfg(&[("KERNELS", " ort ")]).unwrap().engine_options().kernels,
             Kernels::Ort
         );
-        assert_eq!(cfg(&[("KERNELS", "gpu")]).unwrap_err().name, "KERNELS");
+        assert_eq!(cfg(&[("KERNELS", "bf16")]).unwrap().kernels, Kernels::Bf16);
+        let e = cfg(&[("KERNELS", "gpu")]).unwrap_err();
+        assert_eq!((e.name, e.reason), ("KERNELS", "expected auto, bf16 or ort"));
     }
 
     #[test]

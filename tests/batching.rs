@@ -2,15 +2,20 @@
 //! token-identical to the same request run alone.
 
 use lambda_llm::core::{generate, Batcher, Delta, Generation, GenerationRequest, Listener, ModelError, SamplingParams};
-use lambda_llm::engine::{ChatMessage, Engine, EngineOptions};
+use lambda_llm::engine::{ChatMessage, Engine, EngineOptions, Kernels};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 fn load(prefix_cache_bytes: usize) -> Engine {
+    load_with(prefix_cache_bytes, Kernels::Auto)
+}
+
+fn load_with(prefix_cache_bytes: usize, kernels: Kernels) -> Engine {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("model-artifacts/smollm2-135m-instruct");
     let options = EngineOptions {
         prefix_cache_bytes,
+        kernels,
         ..EngineOptions::default()
     };
     Engine::load(&dir, &options).unwrap_or_else(|e| panic!("cannot load {} (run `make setup`): {e}", dir.display()))
@@ -70,7 +75,20 @@ fn prompts(engine: &Engine) -> Vec<GenerationRequest> {
 
 #[test]
 fn eight_streams_joining_and_leaving_generate_exactly_what_each_would_alone() {
-    let mut engine = load(0);
+    eight_streams(load(0));
+}
+
+/// The bfloat16 option (where the CPU has it) keeps the same promise: a row's bits do not depend on its neighbours.
+#[test]
+fn eight_streams_on_the_bf16_option_generate_exactly_what_each_would_alone() {
+    let engine = load_with(0, Kernels::Bf16);
+    if lambda_llm_kernels::q4_1::Isa::detect_bf16().is_some() {
+        assert!(engine.model.kernels().contains("bf16"), "{}", engine.model.kernels());
+    }
+    eight_streams(engine);
+}
+
+fn eight_streams(mut engine: Engine) {
     let reqs = prompts(&engine);
     let expected: Vec<Generation> = reqs.iter().map(|r| alone(&mut engine, r)).collect();
     let results = Results::default();

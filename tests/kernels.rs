@@ -1,5 +1,6 @@
 //! lambda-llm's Q4_1 kernel (model.fast.onnx) against ONNX Runtime's (model.onnx) on the real model: the same
-//! next-token choices teacher-forced over the fidelity prompts, the same greedy generations.
+//! next-token choices teacher-forced over the fidelity prompts, the same greedy generations; and what the explicit
+//! bfloat16 variant (`KERNELS=bf16`) gives up.
 
 use lambda_llm::core::{generate, GenerationRequest, Model, SamplingParams};
 use lambda_llm::engine::{ChatMessage, Engine, EngineOptions, Kernels};
@@ -52,29 +53,42 @@ fn argmax(v: &[f32]) -> usize {
 fn the_kernel_is_used_where_the_cpu_has_avx512_and_onnx_runtime_elsewhere() {
     let fast = load(Kernels::Auto);
     let ort = load(Kernels::Ort);
+    let bf16 = load(Kernels::Bf16);
     assert_eq!(ort.model.kernels(), "onnxruntime (model.onnx)");
-    match Isa::detect() {
-        Isa::Avx512 => assert_eq!(fast.model.kernels(), "lambda-llm q4_1 avx512 (model.fast.onnx)"),
-        Isa::Portable => assert_eq!(fast.model.kernels(), "onnxruntime (model.onnx)"),
+    let exact = match Isa::detect() {
+        Isa::Avx512 => "lambda-llm q4_1 avx512 (model.fast.onnx)",
+        _ => "onnxruntime (model.onnx)",
+    };
+    assert_eq!(fast.model.kernels(), exact);
+    // Only on request, and only where the CPU has the instructions; else what `auto` picks.
+    match Isa::detect_bf16() {
+        Some(_) => assert_eq!(bf16.model.kernels(), "lambda-llm q4_1 avx512-bf16 (model.fast.onnx)"),
+        None => assert_eq!(bf16.model.kernels(), exact),
     }
+}
+
+/// Per position of the fidelity prompts: the logits of `a` and of `b`.
+fn compare(a: &mut Engine, b: &mut Engine) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let mut rows = Vec::new();
+    for text in PROMPTS {
+        let ids = a.tokenizer.encode(text).unwrap();
+        let ids = &ids[..32];
+        rows.extend(teacher_forced(a, ids).into_iter().zip(teacher_forced(b, ids)));
+    }
+    rows
 }
 
 #[test]
 fn teacher_forced_choices_match_onnx_runtime_at_all_128_positions() {
     let (mut fast, mut ort) = (load(Kernels::Auto), load(Kernels::Ort));
     let (mut agree, mut total, mut max_diff, mut max_win) = (0, 0, 0f32, 0f32);
-    for text in PROMPTS {
-        let ids = fast.tokenizer.encode(text).unwrap();
-        let ids = &ids[..32];
-        let (a, b) = (teacher_forced(&mut fast, ids), teacher_forced(&mut ort, ids));
-        for (x, y) in a.iter().zip(&b) {
-            total += 1;
-            agree += usize::from(argmax(x) == argmax(y));
-            max_diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(max_diff, f32::max);
-            // model.onnx computes its 8 largest logits exactly (the rest with int8 activations), the winner among them.
-            let win = argmax(y);
-            max_win = max_win.max((x[win] - y[win]).abs());
-        }
+    for (x, y) in compare(&mut fast, &mut ort) {
+        total += 1;
+        agree += usize::from(argmax(&x) == argmax(&y));
+        max_diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(max_diff, f32::max);
+        // model.onnx computes its 8 largest logits exactly (the rest with int8 activations), the winner among them.
+        let win = argmax(&y);
+        max_win = max_win.max((x[win] - y[win]).abs());
     }
     println!(
         "fast vs onnxruntime kernels: {agree}/{total} argmax agreement, max |difference| of the winning logit \
@@ -83,6 +97,32 @@ fn teacher_forced_choices_match_onnx_runtime_at_all_128_positions() {
     assert_eq!((agree, total), (128, 128));
     // Logits span about ±30; both graphs compute the winner in f32, so it differs in the last bits only.
     assert!(max_win < 1e-2, "max difference of the winning logit {max_win}");
+}
+
+/// The bfloat16 variant is not exact: it is an option, and its agreement with the exact model (model.onnx, which
+/// picks the fp32 reference's token at all 128 positions) must stay at the issue's bar of 125/128.
+#[test]
+fn the_bf16_option_keeps_125_of_128_choices_and_is_really_rounded() {
+    if Isa::detect_bf16().is_none() {
+        println!("this CPU has no AVX512_BF16: KERNELS=bf16 runs the exact kernel (checked above)");
+        return;
+    }
+    let (mut bf16, mut ort) = (load(Kernels::Bf16), load(Kernels::Ort));
+    let (mut agree, mut total, mut max_win) = (0, 0, 0f32);
+    for (x, y) in compare(&mut bf16, &mut ort) {
+        total += 1;
+        agree += usize::from(argmax(&x) == argmax(&y));
+        let win = argmax(&y);
+        max_win = max_win.max((x[win] - y[win]).abs());
+    }
+    println!("bf16 vs onnxruntime kernels: {agree}/{total} argmax agreement, max |difference| of the winning logit {max_win:.2e}");
+    assert_eq!(total, 128);
+    assert!(agree >= 125, "{agree}/128");
+    // Rounded activations move the logits far more than the exact kernel's last bits (1e-4).
+    assert!(
+        max_win > 1e-2,
+        "max difference of the winning logit {max_win}: not the bfloat16 kernel?"
+    );
 }
 
 #[test]

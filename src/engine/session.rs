@@ -53,12 +53,16 @@ pub enum Kernels {
     Auto,
     /// ONNX Runtime's `MatMulNBits` (`model.onnx`) everywhere.
     Ort,
+    /// Asked for: our AVX-512 kernel with bfloat16 dot products (the activations rounded to bfloat16: faster, not
+    /// exact) where the CPU has AVX512_BF16, else as `Auto`.
+    Bf16,
 }
 
 impl Kernels {
     /// The graph file and, for the fast graph, the instructions of its kernel.
     pub fn choose(self, manifest: &Manifest) -> (&str, Option<Isa>) {
         match (self, manifest.files.fast_model.as_deref(), Isa::detect()) {
+            (Kernels::Bf16, Some(fast), Isa::Avx512) => (fast, Some(Isa::detect_bf16().unwrap_or(Isa::Avx512))),
             (Kernels::Auto, Some(fast), Isa::Avx512) => (fast, Some(Isa::Avx512)),
             _ => (&manifest.files.model, None),
         }
@@ -210,10 +214,10 @@ impl OnnxModel {
             max_batch: options.max_batch.max(1),
             next_id: 0,
             threads,
-            kernels: if isa.is_some() {
-                "lambda-llm q4_1 avx512 (model.fast.onnx)"
-            } else {
-                "onnxruntime (model.onnx)"
+            kernels: match isa {
+                Some(Isa::Avx512Bf16) => "lambda-llm q4_1 avx512-bf16 (model.fast.onnx)",
+                Some(_) => "lambda-llm q4_1 avx512 (model.fast.onnx)",
+                None => "onnxruntime (model.onnx)",
             },
         })
     }
