@@ -5,12 +5,14 @@
 
 1. `lambda-llm bench --json --rounds 1` runs once (untimed for the report) to get the exact prompt ids of its two
    prompts ("chat-short", a 30-token chat prompt with a short system message, and "long", 162 tokens).
-2. For each thread count, `--rounds` rounds, each running A B C in turn, every run a fresh process:
+2. For each thread count, `--rounds` rounds, each running A B C (D) in turn, every run a fresh process:
    A = `MODEL_THREADS=t lambda-llm bench --json --rounds 1`, B = llama.cpp (llama-cpp-python, the original Q4_1
-   GGUF), C = the artifact's model.onnx in Python ONNX Runtime (model-artifacts/run_ort.py). B and C run in
+   GGUF), C = the artifact's model.onnx in Python ONNX Runtime (model-artifacts/run_ort.py), and on a CPU with
+   AVX512_BF16 D = A with `KERNELS=bf16` (the explicit, not exact, bfloat16 option). B and C run in
    bench/engines.py, which measures exactly what src/cli/bench.rs measures.
-3. Medians per engine, ratios ours / llama.cpp and ours / python-ort, written to --out (markdown), a chart
-   (ratios.png beside --out) and the raw runs (--out with .json). A failed run is an error cell, never a crash.
+3. Medians per engine, ratios ours / llama.cpp, ours / python-ort and bf16 / llama.cpp, written to --out
+   (markdown), a chart (ratios.png beside --out) and the raw runs (--out with .json). A failed run is an error cell,
+   never a crash.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-ENGINES = [("ours", "lambda-llm"), ("llama", "llama.cpp"), ("ort", "python-ort")]
+ENGINES = [("ours", "lambda-llm"), ("llama", "llama.cpp"), ("ort", "python-ort"), ("bf16", "lambda-llm bf16")]
+# lambda-llm's runs: the default (exact) kernels, and KERNELS=bf16.
+OURS = {"ours": "auto", "bf16": "bf16"}
+# (numerator, denominator, column): the ratios of the tables and the chart.
+RATIOS = [("ours", "llama", "ours / llama.cpp"), ("ours", "ort", "ours / python-ort"),
+          ("bf16", "llama", "bf16 / llama.cpp")]
 PROMPTS = ["chat-short", "long"]
 # key, label, per prompt?, higher is better?
 METRICS = [("prefill_tok_s", "prefill tok/s", True, True), ("decode_tok_s", "decode tok/s", True, True),
@@ -67,8 +74,9 @@ def run_json(cmd: list[str], env: dict, stdin: str | None, timeout: float) -> di
 
 def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
     env = dict(os.environ)
-    if engine == "ours":
+    if engine in OURS:
         env["MODEL_THREADS"] = str(threads)
+        env["KERNELS"] = OURS[engine]
         cmd = [a.binary, "bench", "--json", "--rounds", "1", "--new-tokens", str(a.new_tokens),
                "--model-dir", a.model_dir]
         r = run_json(cmd, env, None, a.timeout)
@@ -78,7 +86,7 @@ def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
         r = run_json([sys.executable, os.path.join(HERE, "engines.py")], env, json.dumps(job), a.timeout)
     if r.get("threads") not in (None, threads):
         raise RunError(f"asked for {threads} threads, engine reports {r.get('threads')}")
-    if engine == "ours":
+    if engine in OURS:
         r["cold_start_ms"] = r.get("ready_ms")  # process start -> ready, measured by the process itself
     r["ready_ms"] = r["load_ms"] + r.get("warm_up_ms", 0.0)  # the same definition for every engine
     return r
@@ -98,18 +106,20 @@ MANY = [(None, "cold_start_ms", "cold start: process start → ready, ms"),
         ("prefix_cache", "ttft_cached_ms", "chat turn 2: TTFT with the prefix cache, ms")]
 
 
-def many_table(runs: list[dict], threads: list[int]) -> list[str]:
-    """Medians of our serving-many figures per thread count."""
+def many_table(runs: list[dict], threads: list[int], engines: list[str]) -> list[str]:
+    """Medians of our serving-many figures per thread count and kernels."""
+    cols = [(t, e) for e in engines if e in OURS for t in threads]
+    name = lambda t, e: f"{t} thread{'s' if t > 1 else ''}" + (" bf16" if e == "bf16" else "")  # noqa: E731
     lines = ["### Serving many at once, cold start (lambda-llm)", "",
-             "| metric | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
-             "|---|" + "--:|" * len(threads)]
+             "| metric | " + " | ".join(name(t, e) for t, e in cols) + " |",
+             "|---|" + "--:|" * len(cols)]
     for section, key, label in MANY:
         cells = []
-        for t in threads:
+        for t, e in cols:
             vals = []
             for r in runs:
                 res = r.get("result")
-                if r["engine"] != "ours" or r["threads"] != t or not res:
+                if r["engine"] != e or r["threads"] != t or not res:
                     continue
                 v = (res.get(section) or {}).get(key) if section else res.get(key)
                 if isinstance(v, (int, float)):
@@ -138,25 +148,28 @@ def fmt(v) -> str:
     return "—" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
 
 
-def build_tables(runs: list[dict], threads: list[int]) -> tuple[list[str], list[dict]]:
+def build_tables(runs: list[dict], threads: list[int], engines: list[str]) -> tuple[list[str], list[dict]]:
     """Markdown lines of one table per thread count, and the ratios for the chart."""
     lines, ratios = [], []
+    pairs = [(a, b, label) for a, b, label in RATIOS if a in engines and b in engines]
     for t in threads:
         lines += [f"### {t} thread{'s' if t > 1 else ''}", "",
-                  "| metric | prompt | lambda-llm | llama.cpp | python-ort | ours / llama.cpp | ours / python-ort |",
-                  "|---|---|--:|--:|--:|--:|--:|"]
+                  "| metric | prompt | " + " | ".join(dict(ENGINES)[e] for e in engines) + " | "
+                  + " | ".join(label for _, _, label in pairs) + " |",
+                  "|---|---|" + "--:|" * (len(engines) + len(pairs))]
         for key, label, per_prompt, _ in METRICS:
             for prompt in (PROMPTS if per_prompt else [None]):
                 cells, med = [], {}
-                for eng, _name in ENGINES:
+                for eng in engines:
                     m, ok, n = median_of(runs, eng, t, key, prompt)
                     med[eng] = m
                     cells.append("error" if n and not ok else fmt(m) + ("" if ok == n else f" ({ok}/{n} ok)"))
                 row = [label, prompt or "(per process)"] + cells
-                for other in ("llama", "ort"):
-                    r = med["ours"] / med[other] if med["ours"] is not None and med[other] else None
+                for mine, other, _ in pairs:
+                    r = med[mine] / med[other] if med[mine] is not None and med[other] else None
                     row.append("—" if r is None else f"{r:.2f}×")
-                    ratios.append({"threads": t, "metric": label, "prompt": prompt, "vs": other, "ratio": r})
+                    ratios.append({"threads": t, "metric": label, "prompt": prompt, "of": mine, "vs": other,
+                                   "ratio": r})
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return lines, ratios
@@ -173,20 +186,24 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
     for ax, (_key, label, per_prompt, higher) in zip(axes.flat, METRICS):
         cats = [(t, p) for t in threads for p in (PROMPTS if per_prompt else [None])]
         names = [f"{t}t" + (f" {p}" if p else "") for t, p in cats]
-        for j, (vs, color) in enumerate((("llama", "tab:orange"), ("ort", "tab:blue"))):
+        series = [(a, b, name) for a, b, name in RATIOS if any(r["of"] == a and r["vs"] == b for r in ratios)]
+        width = 0.8 / max(len(series), 1)
+        colors = {"ours / llama.cpp": "tab:orange", "ours / python-ort": "tab:blue", "bf16 / llama.cpp": "tab:green"}
+        for j, (mine, vs, name) in enumerate(series):
             ys = [next((r["ratio"] for r in ratios if r["metric"] == label and r["threads"] == t
-                        and r["prompt"] == p and r["vs"] == vs), None) for t, p in cats]
-            xs = [i + (j - 0.5) * 0.38 for i in range(len(cats))]
-            ax.bar(xs, [y or 0 for y in ys], width=0.38, color=color,
-                   label="ours / llama.cpp" if vs == "llama" else "ours / python-ort")
+                        and r["prompt"] == p and r["of"] == mine and r["vs"] == vs), None) for t, p in cats]
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(cats))]
+            ax.bar(xs, [y or 0 for y in ys], width=width, color=colors[name], label=name)
             for x, y in zip(xs, ys):
                 ax.annotate("n/a" if y is None else f"{y:.2f}", (x, y or 0), ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(cats)), names, fontsize=8)
         ax.set_title(f"{label}  ({'higher' if higher else 'lower'} = ours better)", fontsize=10)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle("lambda-llm relative to llama.cpp and Python ONNX Runtime (medians; 1.0 = equal)")
-    fig.tight_layout()
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(names), fontsize=8)
+    fig.suptitle("lambda-llm (exact; bf16 = KERNELS=bf16) relative to llama.cpp and Python ONNX Runtime "
+                 "(medians; 1.0 = equal)")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     try:
         fig.savefig(path, dpi=110)
     except OSError as e:
@@ -194,6 +211,16 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
     finally:
         plt.close(fig)
     return None
+
+
+def has_bf16() -> bool:
+    """Whether this CPU has AVX-512 with its BF16 dot product (KERNELS=bf16 runs its own kernel)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= set(flags)
 
 
 def machine_facts() -> list[str]:
@@ -304,10 +331,13 @@ def main(argv=None) -> int:
         return 1
     log("prompts: " + ", ".join(f"{p['name']} {len(p['prompt_ids'])} tokens" for p in prompts))
 
+    engines = [e for e, _ in ENGINES if e != "bf16" or has_bf16()]
+    if "bf16" not in engines:
+        log("this CPU has no AVX512_BF16: no KERNELS=bf16 runs")
     runs = []
     for t in threads:
         for rnd in range(1, a.rounds + 1):
-            for eng, name in ENGINES:
+            for eng, name in ((e, dict(ENGINES)[e]) for e in engines):
                 t0 = time.perf_counter()
                 rec = {"engine": eng, "threads": t, "round": rnd}
                 try:
@@ -323,7 +353,7 @@ def main(argv=None) -> int:
                 log(f"[{t} thread(s), round {rnd}/{a.rounds}] {name:<10} {rec['wall_s']:5.1f} s  {msg}")
 
     load_end = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    tables, ratios = build_tables(runs, threads)
+    tables, ratios = build_tables(runs, threads, engines)
     chart_path = os.path.join(os.path.dirname(os.path.abspath(a.out)), "ratios.png")
     chart_err = chart(ratios, threads, chart_path)
     cmd = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), os.getcwd())] + sys.argv[1:])
@@ -331,7 +361,8 @@ def main(argv=None) -> int:
               for r in runs if "error" in r]
     md = ["# lambda-llm benchmark: ours vs llama.cpp vs Python ONNX Runtime", "",
           f"- Date: {started:%Y-%m-%d %H:%M} UTC", f"- Command: `{cmd}`", *facts, *versions(a, manifest),
-          f"- Method: {a.rounds} round(s) per thread count, engines alternating A B C per round, every run a fresh "
+          f"- Method: {a.rounds} round(s) per thread count, engines alternating per round in the columns' order, "
+          "every run a fresh "
           f"process; greedy, EOS ignored, {max(a.new_tokens, 2)} new tokens; prompts (identical token ids for all "
           "engines): " + ", ".join(f"{p['name']} = {len(p['prompt_ids'])} tokens" for p in prompts) + ". Medians.",
           f"- Load average at the end: {load_end}", *agreement(runs), "",
@@ -340,7 +371,10 @@ def main(argv=None) -> int:
           "1-token forward in every engine. Peak RSS is the whole process (for the Python engines: interpreter, "
           "numpy and the binding included). llama.cpp runs the original Q4_1 GGUF; python-ort runs model.onnx "
           "(ONNX Runtime's kernels); lambda-llm runs the graph its kernels line names — model.fast.onnx (its own "
-          "exact Q4_1 kernel) on a CPU with AVX-512, else model.onnx — over the same weights.", "", *tables, *many_table(runs, threads),
+          "exact Q4_1 kernel) on a CPU with AVX-512, else model.onnx — over the same weights. lambda-llm bf16 is "
+          "the same binary with KERNELS=bf16: activations rounded to bfloat16, not exact (its agreement with the "
+          "exact model: `cargo test --release --test kernels -- --nocapture`).", "", *tables,
+          *many_table(runs, threads, engines),
           "Serving many: 8 chat prompts of 30–40 tokens started together, each decoding the same number of new "
           "tokens (greedy, EOS suppressed), against one of them alone; tok/s = generated tokens / wall time "
           "including prompt processing. Chat turn 2: a second turn whose prompt starts with the first turn and its "
