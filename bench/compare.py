@@ -330,6 +330,7 @@ def main(argv=None) -> int:
         log(f"error: `{a.binary} bench --json` did not give prompt ids: {e}")
         return 1
     log("prompts: " + ", ".join(f"{p['name']} {len(p['prompt_ids'])} tokens" for p in prompts))
+    ver = versions(a, manifest)  # before this run writes its chart and report into the work tree
 
     engines = [e for e, _ in ENGINES if e != "bf16" or has_bf16()]
     if "bf16" not in engines:
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
     errors = [f"- {dict(ENGINES)[r['engine']]}, {r['threads']} thread(s), round {r['round']}: {r['error']}"
               for r in runs if "error" in r]
     md = ["# lambda-llm benchmark: ours vs llama.cpp vs Python ONNX Runtime", "",
-          f"- Date: {started:%Y-%m-%d %H:%M} UTC", f"- Command: `{cmd}`", *facts, *versions(a, manifest),
+          f"- Date: {started:%Y-%m-%d %H:%M} UTC", f"- Command: `{cmd}`", *facts, *ver,
           f"- Method: {a.rounds} round(s) per thread count, engines alternating per round in the columns' order, "
           "every run a fresh "
           f"process; greedy, EOS ignored, {max(a.new_tokens, 2)} new tokens; prompts (identical token ids for all "
