@@ -159,9 +159,9 @@ impl<'w> Q4_1Matrix<'w> {
         debug_assert!(cols.end <= self.n);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::columns(self, p, y, cols) },
+            Isa::Avx512 => unsafe { avx512::columns::<avx512::Exact>(self, p, y, cols) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => unsafe { bf16::columns(self, p, y, cols) },
+            Isa::Avx512Bf16 => unsafe { avx512::columns::<bf16::Bf16>(self, p, y, cols) },
             _ => unsafe { self.columns_portable(p, y, cols) },
         }
     }
@@ -257,136 +257,212 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// Every column for a tile of up to 4 rows at a time. A row's result does not depend on the tile it is in (each row
-    /// runs the same operations in the same order), so a sequence gets the same bits alone, in a batch, or after a
-    /// prefix-cache hit.
-    pub(super) unsafe fn columns(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
-        if p.rows >= PANEL_ROWS {
-            return unsafe { panels(w, p, y, cols) };
+    /// A kernel body, run by the shared drivers [`columns`] and `panels`: tiles of up to 4 rows sharing each group's
+    /// vectors, and, from `PANEL_ROWS` rows, each column's vectors formed once into a panel that passes of up to 3 rows
+    /// over 4 columns read. Both must run each row's operations in the same order, so a row's result does not depend
+    /// on the rows beside it (a sequence gets the same bits alone, in a batch, or after a prefix-cache hit).
+    pub(super) trait Body {
+        /// Rows from which a call forms panels.
+        const PANEL_ROWS: usize;
+        /// Panel vectors per column.
+        fn per_col(w: &Q4_1Matrix) -> usize;
+        /// Rows `r0..r0 + R`, every column in `cols`.
+        unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>);
+        /// Column `c`'s vectors, exactly as `tile` forms them, into `dst` (`per_col` vectors).
+        unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]);
+        /// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`, in `tile`'s order.
+        unsafe fn pass<const R: usize, const C: usize>(
+            w: &Q4_1Matrix,
+            p: &Prepared,
+            panel: &[__m512],
+            r0: usize,
+            y: *mut f32,
+            c0: usize,
+        );
+    }
+
+    /// The exact f32 body of this module.
+    pub(super) struct Exact;
+
+    impl Body for Exact {
+        const PANEL_ROWS: usize = 8;
+
+        fn per_col(w: &Q4_1Matrix) -> usize {
+            w.groups() * 8 + w.min_vectors()
         }
-        for (r, rows) in row_tiles(p.rows, 4) {
-            unsafe {
-                match rows {
-                    1 => tile::<1>(w, p, r, y, cols.clone()),
-                    2 => tile::<2>(w, p, r, y, cols.clone()),
-                    3 => tile::<3>(w, p, r, y, cols.clone()),
-                    _ => tile::<4>(w, p, r, y, cols.clone()),
+
+        /// Up to 4 rows sharing each group's dequantization: per row 8 FMAs per 128 weights in two chains, then the
+        /// minimums' term `Σ_b m_b·Σx_b` 16 blocks per FMA.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+        unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
+            let nb = w.blocks();
+            let (ng, nh) = (w.groups(), w.min_vectors());
+            let stride = ng * 128;
+            let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
+            let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
+            for c in cols {
+                let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
+                let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                for g in 0..ng {
+                    let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
+                    let q = scaled(v, dv);
+                    for (r, [a0, a1]) in acc.iter_mut().enumerate() {
+                        let xg = unsafe { xs.add(r * stride + g * 128) };
+                        let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
+                        *a0 = _mm512_fmadd_ps(q[0], ld(0), *a0);
+                        *a1 = _mm512_fmadd_ps(q[1], ld(1), *a1);
+                        *a0 = _mm512_fmadd_ps(q[2], ld(2), *a0);
+                        *a1 = _mm512_fmadd_ps(q[3], ld(3), *a1);
+                        *a0 = _mm512_fmadd_ps(q[4], ld(4), *a0);
+                        *a1 = _mm512_fmadd_ps(q[5], ld(5), *a1);
+                        *a0 = _mm512_fmadd_ps(q[6], ld(6), *a0);
+                        *a1 = _mm512_fmadd_ps(q[7], ld(7), *a1);
+                    }
+                }
+                let sum: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(acc[r][0], acc[r][1]));
+                let mut minus = [_mm512_setzero_ps(); R];
+                for h in 0..nh {
+                    let mv = unsafe { block_scales(dmrow, nb, h).1 };
+                    for (r, m) in minus.iter_mut().enumerate() {
+                        *m = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(sums.add(r * nh * 16 + h * 16)) }, *m);
+                    }
+                }
+                for r in 0..R {
+                    let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r], minus[r]));
+                    unsafe { *y.add((r0 + r) * w.n + c) = v };
+                }
+            }
+        }
+
+        /// Column `c`'s weight vectors and minimum vectors, exactly as `tile` forms them, into `dst`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+        unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
+            let nb = w.blocks();
+            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
+            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+            let (weights, mins) = dst.split_at_mut(w.groups() * 8);
+            for (g, out) in weights.chunks_exact_mut(8).enumerate() {
+                let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
+                out.copy_from_slice(&scaled(v, dv));
+            }
+            for (h, out) in mins.iter_mut().enumerate() {
+                *out = unsafe { block_scales(dmrow, nb, h).1 };
+            }
+        }
+
+        /// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`: per (row, column), `tile`'s chains.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+        #[allow(clippy::needless_range_loop)] // columns outside rows: each weight vector is loaded once per row pass
+        unsafe fn pass<const R: usize, const C: usize>(
+            w: &Q4_1Matrix,
+            p: &Prepared,
+            panel: &[__m512],
+            r0: usize,
+            y: *mut f32,
+            c0: usize,
+        ) {
+            let (ng, nh) = (w.groups(), w.min_vectors());
+            let stride = ng * 128;
+            let per_col = ng * 8 + nh;
+            let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
+            let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
+            let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
+            let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
+            for g in 0..ng {
+                for t in (0..8).step_by(2) {
+                    let xg = |r: usize, t: usize| unsafe { _mm512_loadu_ps(xs.add(r * stride + g * 128 + 16 * t)) };
+                    for (half, t) in [t, t + 1].into_iter().enumerate() {
+                        let x: [__m512; R] = std::array::from_fn(|r| xg(r, t));
+                        for c in 0..C {
+                            let wt = unsafe { *col(c).add(g * 8 + t) };
+                            for r in 0..R {
+                                acc[r][c][half] = _mm512_fmadd_ps(wt, x[r], acc[r][c][half]);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut sum = [[_mm512_setzero_ps(); C]; R];
+            for r in 0..R {
+                for c in 0..C {
+                    sum[r][c] = _mm512_add_ps(acc[r][c][0], acc[r][c][1]);
+                }
+            }
+            let mut minus = [[_mm512_setzero_ps(); C]; R];
+            for h in 0..nh {
+                let s: [__m512; R] =
+                    std::array::from_fn(|r| unsafe { _mm512_loadu_ps(sums.add(r * nh * 16 + h * 16)) });
+                for c in 0..C {
+                    let mv = unsafe { *col(c).add(ng * 8 + h) };
+                    for r in 0..R {
+                        minus[r][c] = _mm512_fmadd_ps(mv, s[r], minus[r][c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r][c], minus[r][c]));
+                    unsafe { *y.add((r0 + r) * w.n + c0 + c) = v };
                 }
             }
         }
     }
 
-    /// Rows from which a call dequantizes each column once into a panel instead of once per tile of 4 rows.
-    const PANEL_ROWS: usize = 8;
+    /// Every column in `cols` for every prepared row, on body `B`.
+    pub(super) unsafe fn columns<B: Body>(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
+        if p.rows >= B::PANEL_ROWS {
+            return unsafe { panels::<B>(w, p, y, cols) };
+        }
+        for (r, rows) in row_tiles(p.rows, 4) {
+            unsafe {
+                match rows {
+                    1 => B::tile::<1>(w, p, r, y, cols.clone()),
+                    2 => B::tile::<2>(w, p, r, y, cols.clone()),
+                    3 => B::tile::<3>(w, p, r, y, cols.clone()),
+                    _ => B::tile::<4>(w, p, r, y, cols.clone()),
+                }
+            }
+        }
+    }
+
     /// Columns per panel and rows per pass over it.
     const PANEL_COLS: usize = 4;
     const PANEL_PASS: usize = 3;
 
     thread_local! {
-        /// Dequantized columns: per column, per group the 8 weight vectors of `tile`, then its minimum vectors.
+        /// The formed vectors of `PANEL_COLS` columns (`Body::dequantize`'s).
         static PANEL: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// Many rows: each block of `PANEL_COLS` columns is dequantized once into a panel (the very vectors `tile` makes),
-    /// then every row runs `tile`'s FMAs, in `tile`'s order, against it, so a row's bits match `tile`'s.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn panels(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
-        let per_col = w.groups() * 8 + w.min_vectors();
+    /// Many rows: each block of `PANEL_COLS` columns is formed once into a panel (the very vectors `tile` makes), then
+    /// every row runs `tile`'s operations, in `tile`'s order, against it, so a row's bits match `tile`'s.
+    unsafe fn panels<B: Body>(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
+        let per_col = B::per_col(w);
         PANEL.with_borrow_mut(|panel| {
-            panel.resize(PANEL_COLS * per_col, _mm512_setzero_ps());
+            panel.resize(PANEL_COLS * per_col, unsafe { std::mem::zeroed() });
             let mut c = cols.start;
             while c < cols.end {
                 let width = (cols.end - c).min(PANEL_COLS);
                 for (i, dst) in panel.chunks_exact_mut(per_col).take(width).enumerate() {
-                    unsafe { dequantize(w, c + i, dst) };
+                    unsafe { B::dequantize(w, c + i, dst) };
                 }
                 for (r, rows) in row_tiles(p.rows, PANEL_PASS) {
+                    let one = |i: usize| &panel[i * per_col..];
                     unsafe {
                         match (rows, width) {
-                            (3, 4) => pass::<3, 4>(w, p, panel, r, y, c),
-                            (2, 4) => pass::<2, 4>(w, p, panel, r, y, c),
-                            (1, 4) => pass::<1, 4>(w, p, panel, r, y, c),
-                            (3, _) => (0..width).for_each(|i| pass::<3, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
-                            (2, _) => (0..width).for_each(|i| pass::<2, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
-                            _ => (0..width).for_each(|i| pass::<1, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
+                            (3, 4) => B::pass::<3, 4>(w, p, panel, r, y, c),
+                            (2, 4) => B::pass::<2, 4>(w, p, panel, r, y, c),
+                            (1, 4) => B::pass::<1, 4>(w, p, panel, r, y, c),
+                            (3, _) => (0..width).for_each(|i| B::pass::<3, 1>(w, p, one(i), r, y, c + i)),
+                            (2, _) => (0..width).for_each(|i| B::pass::<2, 1>(w, p, one(i), r, y, c + i)),
+                            _ => (0..width).for_each(|i| B::pass::<1, 1>(w, p, one(i), r, y, c + i)),
                         }
                     }
                 }
                 c += width;
             }
         });
-    }
-
-    /// Column `c`'s weight vectors and minimum vectors, exactly as `tile` forms them, into `dst`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
-        let nb = w.blocks();
-        let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-        let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
-        let (weights, mins) = dst.split_at_mut(w.groups() * 8);
-        for (g, out) in weights.chunks_exact_mut(8).enumerate() {
-            let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-            out.copy_from_slice(&scaled(v, dv));
-        }
-        for (h, out) in mins.iter_mut().enumerate() {
-            *out = unsafe { min_vector(dmrow, nb, h) };
-        }
-    }
-
-    /// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`: per (row, column), `tile`'s chains.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    #[allow(clippy::needless_range_loop)] // columns outside rows: each weight vector is loaded once per row pass
-    unsafe fn pass<const R: usize, const C: usize>(
-        w: &Q4_1Matrix,
-        p: &Prepared,
-        panel: &[__m512],
-        r0: usize,
-        y: *mut f32,
-        c0: usize,
-    ) {
-        let (ng, nh) = (w.groups(), w.min_vectors());
-        let stride = ng * 128;
-        let per_col = ng * 8 + nh;
-        let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
-        let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
-        let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
-        let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
-        for g in 0..ng {
-            for t in (0..8).step_by(2) {
-                let xg = |r: usize, t: usize| unsafe { _mm512_loadu_ps(xs.add(r * stride + g * 128 + 16 * t)) };
-                for (half, t) in [t, t + 1].into_iter().enumerate() {
-                    let x: [__m512; R] = std::array::from_fn(|r| xg(r, t));
-                    for c in 0..C {
-                        let wt = unsafe { *col(c).add(g * 8 + t) };
-                        for r in 0..R {
-                            acc[r][c][half] = _mm512_fmadd_ps(wt, x[r], acc[r][c][half]);
-                        }
-                    }
-                }
-            }
-        }
-        let mut sum = [[_mm512_setzero_ps(); C]; R];
-        for r in 0..R {
-            for c in 0..C {
-                sum[r][c] = _mm512_add_ps(acc[r][c][0], acc[r][c][1]);
-            }
-        }
-        let mut minus = [[_mm512_setzero_ps(); C]; R];
-        for h in 0..nh {
-            let s: [__m512; R] = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(sums.add(r * nh * 16 + h * 16)) });
-            for c in 0..C {
-                let mv = unsafe { *col(c).add(ng * 8 + h) };
-                for r in 0..R {
-                    minus[r][c] = _mm512_fmadd_ps(mv, s[r], minus[r][c]);
-                }
-            }
-        }
-        for r in 0..R {
-            for c in 0..C {
-                let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r][c], minus[r][c]));
-                unsafe { *y.add((r0 + r) * w.n + c0 + c) = v };
-            }
-        }
     }
 
     /// Group `g` of a column (`left` blocks from it to the column's end): its 4 blocks of nibbles (64 bytes) and each
@@ -418,10 +494,10 @@ mod avx512 {
         (v, d)
     }
 
-    /// The minimums of blocks `16h..16h + 16` of a column (`nb` blocks), zeros past the last.
+    /// The scales and the minimums of blocks `16h..16h + 16` of a column (`nb` blocks), zeros past the last.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn min_vector(dmrow: *const u16, nb: usize, h: usize) -> __m512 {
+    pub(super) unsafe fn block_scales(dmrow: *const u16, nb: usize, h: usize) -> (__m512, __m512) {
         let left = nb - 16 * h;
         let v = unsafe {
             if left >= 16 {
@@ -432,8 +508,12 @@ mod avx512 {
         };
         let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
         let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        _mm512_permutex2var_ps(lo, odd, hi)
+        (
+            _mm512_permutex2var_ps(lo, even, hi),
+            _mm512_permutex2var_ps(lo, odd, hi),
+        )
     }
 
     /// The 8 vectors of `q·d` of a group: nibble t of every 32-bit lane of `v` as `fma(2^23 + q, d, -2^23·d)`, which
@@ -452,50 +532,6 @@ mod avx512 {
                 offset,
             )
         })
-    }
-
-    /// Up to 4 rows sharing each group's dequantization: per row 8 FMAs per 128 weights in two chains, then the
-    /// minimums' term `Σ_b m_b·Σx_b` 16 blocks per FMA.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
-        let nb = w.blocks();
-        let (ng, nh) = (w.groups(), w.min_vectors());
-        let stride = ng * 128;
-        let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
-        let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
-        for c in cols {
-            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
-            let mut acc = [[_mm512_setzero_ps(); 2]; R];
-            for g in 0..ng {
-                let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-                let q = scaled(v, dv);
-                for (r, [a0, a1]) in acc.iter_mut().enumerate() {
-                    let xg = unsafe { xs.add(r * stride + g * 128) };
-                    let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
-                    *a0 = _mm512_fmadd_ps(q[0], ld(0), *a0);
-                    *a1 = _mm512_fmadd_ps(q[1], ld(1), *a1);
-                    *a0 = _mm512_fmadd_ps(q[2], ld(2), *a0);
-                    *a1 = _mm512_fmadd_ps(q[3], ld(3), *a1);
-                    *a0 = _mm512_fmadd_ps(q[4], ld(4), *a0);
-                    *a1 = _mm512_fmadd_ps(q[5], ld(5), *a1);
-                    *a0 = _mm512_fmadd_ps(q[6], ld(6), *a0);
-                    *a1 = _mm512_fmadd_ps(q[7], ld(7), *a1);
-                }
-            }
-            let sum: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(acc[r][0], acc[r][1]));
-            let mut minus = [_mm512_setzero_ps(); R];
-            for h in 0..nh {
-                let mv = unsafe { min_vector(dmrow, nb, h) };
-                for (r, m) in minus.iter_mut().enumerate() {
-                    *m = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(sums.add(r * nh * 16 + h * 16)) }, *m);
-                }
-            }
-            for r in 0..R {
-                let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r], minus[r]));
-                unsafe { *y.add((r0 + r) * w.n + c) = v };
-            }
-        }
     }
 }
 

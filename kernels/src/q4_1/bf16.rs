@@ -4,21 +4,130 @@
 //! `Σ_b d·Σ_j (128 + q)·x̃ − Σ_b 128·d·Σ_j x̃ + Σ_b m·Σ_j x`, with `x̃` the bfloat16 activations and the minimums' term on the
 //! exact ones; the products are exact in f32, so the only rounding beyond f32 sums is `x → x̃` (2⁻⁹ relative).
 
-use super::avx512::group;
-use super::{row_tiles, Prepared, Q4_1Matrix};
+use super::avx512::{block_scales, group, Body};
+use super::{Prepared, Q4_1Matrix};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-/// Rows from which a call forms each column's vectors once into a panel instead of once per tile of 4 rows (8 rows
-/// ran faster as two tiles, 12 as a panel).
-const PANEL_ROWS: usize = 9;
-/// Columns per panel and rows per pass over it.
-const PANEL_COLS: usize = 4;
-const PANEL_PASS: usize = 3;
+/// This module's body for the shared drivers (`avx512::columns`).
+pub(super) struct Bf16;
 
-thread_local! {
-    /// Per column: per group its 4 weight vectors and its scale vector, then per 16 blocks the minimums and −128·d.
-    static PANEL: std::cell::RefCell<Vec<__m512>> = const { std::cell::RefCell::new(Vec::new()) };
+impl Body for Bf16 {
+    /// 8 rows ran faster as two tiles of 4 (15.6 ms for the 120 layers on one thread) than in a panel (19.2 ms).
+    const PANEL_ROWS: usize = 9;
+
+    fn per_col(w: &Q4_1Matrix) -> usize {
+        w.groups() * 5 + w.min_vectors() * 2
+    }
+
+    /// Up to 4 rows sharing each group's weight vectors.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+    unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
+        let nb = w.blocks();
+        let (ng, nh) = (w.groups(), w.min_vectors());
+        let stride = ng * 128;
+        let xs = unsafe { p.xh.as_ptr().add(r0 * stride) };
+        let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 32) };
+        for c in cols {
+            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
+            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+            let mut acc = [_mm512_setzero_ps(); R];
+            for g in 0..ng {
+                let (v, d) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
+                let wt = weights(v);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xg = unsafe { xs.add(r * stride + g * 128) };
+                    let x = std::array::from_fn(|t| unsafe { _mm512_loadu_si512(xg.add(32 * t).cast()) });
+                    *a = _mm512_fmadd_ps(dot(&wt, x), d, *a);
+                }
+            }
+            let mut minus = [_mm512_setzero_ps(); R];
+            for h in 0..nh {
+                let (mv, dv) = unsafe { min_vectors(dmrow, nb, h) };
+                for (r, m) in minus.iter_mut().enumerate() {
+                    let s = unsafe { sums.add(r * nh * 32 + h * 32) };
+                    *m = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(s) }, *m);
+                    *m = _mm512_fmadd_ps(dv, unsafe { _mm512_loadu_ps(s.add(16)) }, *m);
+                }
+            }
+            for r in 0..R {
+                let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], minus[r]));
+                unsafe { *y.add((r0 + r) * w.n + c) = v };
+            }
+        }
+    }
+
+    /// Column `c`'s vectors, exactly as `tile` forms them, into `dst`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
+        let nb = w.blocks();
+        let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
+        let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+        let (groups, mins) = dst.split_at_mut(w.groups() * 5);
+        for (g, out) in groups.chunks_exact_mut(5).enumerate() {
+            let (v, d) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
+            for (o, wt) in out.iter_mut().zip(weights(v)) {
+                *o = _mm512_castsi512_ps(wt);
+            }
+            out[4] = d;
+        }
+        for (h, out) in mins.chunks_exact_mut(2).enumerate() {
+            let (mv, dv) = unsafe { min_vectors(dmrow, nb, h) };
+            out[0] = mv;
+            out[1] = dv;
+        }
+    }
+
+    /// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+    #[allow(clippy::needless_range_loop)] // columns outside rows: each weight vector is loaded once per row pass
+    unsafe fn pass<const R: usize, const C: usize>(
+        w: &Q4_1Matrix,
+        p: &Prepared,
+        panel: &[__m512],
+        r0: usize,
+        y: *mut f32,
+        c0: usize,
+    ) {
+        let (ng, nh) = (w.groups(), w.min_vectors());
+        let stride = ng * 128;
+        let per_col = ng * 5 + nh * 2;
+        let xs = unsafe { p.xh.as_ptr().add(r0 * stride) };
+        let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 32) };
+        let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for g in 0..ng {
+            let x: [[__m512i; 4]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|t| unsafe { _mm512_loadu_si512(xs.add(r * stride + g * 128 + 32 * t).cast()) })
+            });
+            for c in 0..C {
+                let v = unsafe { col(c).add(g * 5) };
+                let wt: [__m512i; 4] = std::array::from_fn(|t| _mm512_castps_si512(unsafe { *v.add(t) }));
+                let d = unsafe { *v.add(4) };
+                for r in 0..R {
+                    acc[r][c] = _mm512_fmadd_ps(dot(&wt, x[r]), d, acc[r][c]);
+                }
+            }
+        }
+        let mut minus = [[_mm512_setzero_ps(); C]; R];
+        for h in 0..nh {
+            for c in 0..C {
+                let v = unsafe { col(c).add(ng * 5 + 2 * h) };
+                let (mv, dv) = unsafe { (*v, *v.add(1)) };
+                for r in 0..R {
+                    let s = unsafe { sums.add(r * nh * 32 + h * 32) };
+                    minus[r][c] = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(s) }, minus[r][c]);
+                    minus[r][c] = _mm512_fmadd_ps(dv, unsafe { _mm512_loadu_ps(s.add(16)) }, minus[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c], minus[r][c]));
+                unsafe { *y.add((r0 + r) * w.n + c0 + c) = v };
+            }
+        }
+    }
 }
 
 /// One row of x (`nb` blocks) in the kernel's order, into `xh` (per group of 4 blocks, 4 vectors of 32 bfloat16
@@ -43,40 +152,8 @@ pub(super) unsafe fn arrange(xr: &[f32], nb: usize, xh: &mut [u16], sums: &mut [
         });
         for t in 0..4i16 {
             // Lane l: element 4(l % 8) + t of block l / 8 (the first or second operand by (l / 8) % 2).
-            let idx = _mm512_set_epi16(
-                32 + t + 28,
-                32 + t + 24,
-                32 + t + 20,
-                32 + t + 16,
-                32 + t + 12,
-                32 + t + 8,
-                32 + t + 4,
-                32 + t,
-                t + 28,
-                t + 24,
-                t + 20,
-                t + 16,
-                t + 12,
-                t + 8,
-                t + 4,
-                t,
-                32 + t + 28,
-                32 + t + 24,
-                32 + t + 20,
-                32 + t + 16,
-                32 + t + 12,
-                32 + t + 8,
-                32 + t + 4,
-                32 + t,
-                t + 28,
-                t + 24,
-                t + 20,
-                t + 16,
-                t + 12,
-                t + 8,
-                t + 4,
-                t,
-            );
+            let lanes: [i16; 32] = std::array::from_fn(|l| (l / 8 % 2 * 32 + 4 * (l % 8)) as i16 + t);
+            let idx = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
             let v = _mm512_mask_blend_epi16(
                 0xFFFF_0000,
                 _mm512_permutex2var_epi16(h[0], idx, h[1]),
@@ -92,24 +169,6 @@ pub(super) unsafe fn arrange(xr: &[f32], nb: usize, xh: &mut [u16], sums: &mut [
             let lo = _mm512_cvtpbh_ps(bh(_mm512_castsi512_si256(h[j])));
             let hi = _mm512_cvtpbh_ps(bh(_mm512_extracti64x4_epi64::<1>(h[j])));
             sums[at + 16] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-        }
-    }
-}
-
-/// Every column, for a tile of up to 4 rows at a time or, from `PANEL_ROWS` rows, a panel per `PANEL_COLS` columns;
-/// both run each row's operations in the same order, so a row's bits do not depend on the rows beside it.
-pub(super) unsafe fn columns(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
-    if p.rows >= PANEL_ROWS {
-        return unsafe { panels(w, p, y, cols) };
-    }
-    for (r, rows) in row_tiles(p.rows, 4) {
-        unsafe {
-            match rows {
-                1 => tile::<1>(w, p, r, y, cols.clone()),
-                2 => tile::<2>(w, p, r, y, cols.clone()),
-                3 => tile::<3>(w, p, r, y, cols.clone()),
-                _ => tile::<4>(w, p, r, y, cols.clone()),
-            }
         }
     }
 }
@@ -143,160 +202,6 @@ fn dot(w: &[__m512i; 4], x: [__m512i; 4]) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn min_vectors(dmrow: *const u16, nb: usize, h: usize) -> (__m512, __m512) {
-    let left = nb - 16 * h;
-    let v = unsafe {
-        if left >= 16 {
-            _mm512_loadu_si512(dmrow.add(32 * h).cast())
-        } else {
-            _mm512_maskz_loadu_epi16(((1u64 << (2 * left)) - 1) as u32, dmrow.add(32 * h).cast())
-        }
-    };
-    let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
-    let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v));
-    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let d = _mm512_permutex2var_ps(lo, even, hi);
-    (
-        _mm512_permutex2var_ps(lo, odd, hi),
-        _mm512_mul_ps(d, _mm512_set1_ps(-128.0)),
-    )
-}
-
-/// Up to 4 rows sharing each group's weight vectors.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
-unsafe fn tile<const R: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, cols: Range<usize>) {
-    let nb = w.blocks();
-    let (ng, nh) = (w.groups(), w.min_vectors());
-    let stride = ng * 128;
-    let xs = unsafe { p.xh.as_ptr().add(r0 * stride) };
-    let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 32) };
-    for c in cols {
-        let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-        let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
-        let mut acc = [_mm512_setzero_ps(); R];
-        for g in 0..ng {
-            let (v, d) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-            let wt = weights(v);
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xg = unsafe { xs.add(r * stride + g * 128) };
-                let x = std::array::from_fn(|t| unsafe { _mm512_loadu_si512(xg.add(32 * t).cast()) });
-                *a = _mm512_fmadd_ps(dot(&wt, x), d, *a);
-            }
-        }
-        let mut minus = [_mm512_setzero_ps(); R];
-        for h in 0..nh {
-            let (mv, dv) = unsafe { min_vectors(dmrow, nb, h) };
-            for (r, m) in minus.iter_mut().enumerate() {
-                let s = unsafe { sums.add(r * nh * 32 + h * 32) };
-                *m = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(s) }, *m);
-                *m = _mm512_fmadd_ps(dv, unsafe { _mm512_loadu_ps(s.add(16)) }, *m);
-            }
-        }
-        for r in 0..R {
-            let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], minus[r]));
-            unsafe { *y.add((r0 + r) * w.n + c) = v };
-        }
-    }
-}
-
-/// Many rows: each block of `PANEL_COLS` columns has its weight vectors formed once, then every row runs `tile`'s
-/// operations, in `tile`'s order, against them.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
-unsafe fn panels(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
-    let per_col = w.groups() * 5 + w.min_vectors() * 2;
-    PANEL.with_borrow_mut(|panel| {
-        panel.resize(PANEL_COLS * per_col, _mm512_setzero_ps());
-        let mut c = cols.start;
-        while c < cols.end {
-            let width = (cols.end - c).min(PANEL_COLS);
-            for (i, dst) in panel.chunks_exact_mut(per_col).take(width).enumerate() {
-                unsafe { dequantize(w, c + i, dst) };
-            }
-            for (r, rows) in row_tiles(p.rows, PANEL_PASS) {
-                unsafe {
-                    match (rows, width) {
-                        (3, 4) => pass::<3, 4>(w, p, panel, r, y, c),
-                        (2, 4) => pass::<2, 4>(w, p, panel, r, y, c),
-                        (1, 4) => pass::<1, 4>(w, p, panel, r, y, c),
-                        (3, _) => (0..width).for_each(|i| pass::<3, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
-                        (2, _) => (0..width).for_each(|i| pass::<2, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
-                        _ => (0..width).for_each(|i| pass::<1, 1>(w, p, &panel[i * per_col..], r, y, c + i)),
-                    }
-                }
-            }
-            c += width;
-        }
-    });
-}
-
-/// Column `c`'s vectors, exactly as `tile` forms them, into `dst`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
-    let nb = w.blocks();
-    let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-    let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
-    let (groups, mins) = dst.split_at_mut(w.groups() * 5);
-    for (g, out) in groups.chunks_exact_mut(5).enumerate() {
-        let (v, d) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-        for (o, wt) in out.iter_mut().zip(weights(v)) {
-            *o = _mm512_castsi512_ps(wt);
-        }
-        out[4] = d;
-    }
-    for (h, out) in mins.chunks_exact_mut(2).enumerate() {
-        let (mv, dv) = unsafe { min_vectors(dmrow, nb, h) };
-        out[0] = mv;
-        out[1] = dv;
-    }
-}
-
-/// Rows `r0..r0 + R` against the `C` columns from `c0` in `panel`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
-#[allow(clippy::needless_range_loop)] // columns outside rows: each weight vector is loaded once per row pass
-unsafe fn pass<const R: usize, const C: usize>(
-    w: &Q4_1Matrix,
-    p: &Prepared,
-    panel: &[__m512],
-    r0: usize,
-    y: *mut f32,
-    c0: usize,
-) {
-    let (ng, nh) = (w.groups(), w.min_vectors());
-    let stride = ng * 128;
-    let per_col = ng * 5 + nh * 2;
-    let xs = unsafe { p.xh.as_ptr().add(r0 * stride) };
-    let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 32) };
-    let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
-    for g in 0..ng {
-        let x: [[__m512i; 4]; R] = std::array::from_fn(|r| {
-            std::array::from_fn(|t| unsafe { _mm512_loadu_si512(xs.add(r * stride + g * 128 + 32 * t).cast()) })
-        });
-        for c in 0..C {
-            let v = unsafe { col(c).add(g * 5) };
-            let wt: [__m512i; 4] = std::array::from_fn(|t| _mm512_castps_si512(unsafe { *v.add(t) }));
-            let d = unsafe { *v.add(4) };
-            for r in 0..R {
-                acc[r][c] = _mm512_fmadd_ps(dot(&wt, x[r]), d, acc[r][c]);
-            }
-        }
-    }
-    let mut minus = [[_mm512_setzero_ps(); C]; R];
-    for h in 0..nh {
-        for c in 0..C {
-            let v = unsafe { col(c).add(ng * 5 + 2 * h) };
-            let (mv, dv) = unsafe { (*v, *v.add(1)) };
-            for r in 0..R {
-                let s = unsafe { sums.add(r * nh * 32 + h * 32) };
-                minus[r][c] = _mm512_fmadd_ps(mv, unsafe { _mm512_loadu_ps(s) }, minus[r][c]);
-                minus[r][c] = _mm512_fmadd_ps(dv, unsafe { _mm512_loadu_ps(s.add(16)) }, minus[r][c]);
-            }
-        }
-    }
-    for r in 0..R {
-        for c in 0..C {
-            let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c], minus[r][c]));
-            unsafe { *y.add((r0 + r) * w.n + c0 + c) = v };
-        }
-    }
+    let (d, m) = unsafe { block_scales(dmrow, nb, h) };
+    (m, _mm512_mul_ps(d, _mm512_set1_ps(-128.0)))
 }
