@@ -86,6 +86,8 @@ def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
         r = run_json([sys.executable, os.path.join(HERE, "engines.py")], env, json.dumps(job), a.timeout)
     if r.get("threads") not in (None, threads):
         raise RunError(f"asked for {threads} threads, engine reports {r.get('threads')}")
+    if engine == "bf16" and "bf16" not in str(r.get("kernels")):
+        raise RunError(f"KERNELS=bf16 ran {r.get('kernels')!r}, not the bfloat16 kernel")
     if engine in OURS:
         r["cold_start_ms"] = r.get("ready_ms")  # process start -> ready, measured by the process itself
     r["ready_ms"] = r["load_ms"] + r.get("warm_up_ms", 0.0)  # the same definition for every engine

@@ -139,7 +139,20 @@ fn run_batched(engine: &mut Engine, req: &GenerationRequest) -> Generation {
 
 #[test]
 fn a_growing_chat_reuses_its_prefix_and_generates_exactly_what_it_would_alone() {
-    let mut engine = load(64 << 20);
+    growing_chat(load(64 << 20));
+}
+
+/// The same on the bfloat16 option (where the CPU has it): prompt rows and decode rows of a sequence get the same bits.
+#[test]
+fn a_growing_chat_on_the_bf16_option_reuses_its_prefix_and_generates_exactly_what_it_would_alone() {
+    let engine = load_with(64 << 20, Kernels::Bf16);
+    if lambda_llm_kernels::q4_1::Isa::detect_bf16().is_some() {
+        assert!(engine.model.kernels().contains("bf16"), "{}", engine.model.kernels());
+    }
+    growing_chat(engine);
+}
+
+fn growing_chat(mut engine: Engine) {
     let system = "You are a helpful assistant who answers briefly and precisely.";
     let turn1 = greedy(
         chat(&engine, &[("system", system), ("user", "Name a large city in Japan.")]),

@@ -43,7 +43,7 @@ pub struct Prepared {
 pub enum Isa {
     /// AVX-512 in f32: each nibble looked up as a float.
     Avx512,
-    /// AVX-512 with its BF16 dot product: the activations rounded to bfloat16 (2⁻⁹ relative), 32 products per
+    /// AVX-512 with its BF16 dot product: the activations rounded to bfloat16 (2⁻⁸ relative), 32 products per
     /// instruction; faster, not exact (see `bf16`). Only on request: `detect` never picks it.
     Avx512Bf16,
     Portable,
@@ -134,6 +134,11 @@ impl<'w> Q4_1Matrix<'w> {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => {
+                // A caller may name this ISA on any CPU: refuse it where the instructions are missing.
+                assert!(
+                    Isa::detect_bf16().is_some(),
+                    "Isa::Avx512Bf16 on a CPU without AVX-512 BF16"
+                );
                 let (ng, nh) = (self.groups(), self.min_vectors());
                 p.xh.resize(rows * ng * 128, 0);
                 p.sums.resize(rows * nh * 32, 0.0);
@@ -142,7 +147,7 @@ impl<'w> Q4_1Matrix<'w> {
                         &mut p.xh[r * ng * 128..][..ng * 128],
                         &mut p.sums[r * nh * 32..][..nh * 32],
                     );
-                    // SAFETY: `Avx512Bf16` is only detected where the CPU has these instructions.
+                    // SAFETY: the CPU has the instructions (checked above).
                     unsafe { bf16::arrange(xr, nb, xh, sums) };
                 }
             }
@@ -154,7 +159,9 @@ impl<'w> Q4_1Matrix<'w> {
     /// Writes `y[r][c]` for every prepared row and every column in `cols` (`y` is `[rows][N]`).
     ///
     /// # Safety
-    /// `y` must point to `rows × N` floats, and no other thread may touch these columns meanwhile.
+    /// `isa` must be one `Isa::detect` or `Isa::detect_bf16` returned, `p` must come from `prepare` on this matrix's
+    /// shape with the same `isa`, `y` must point to `rows × N` floats, and no other thread may touch these columns
+    /// meanwhile.
     pub unsafe fn columns(&self, isa: Isa, p: &Prepared, y: *mut f32, cols: Range<usize>) {
         debug_assert!(cols.end <= self.n);
         match isa {
@@ -250,9 +257,11 @@ mod bf16;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! The AVX-512 body: 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into `q·d` with
-    //! a shift, one `vpternlogd` and one FMA, up to 4 rows sharing one dequantization; from 8 rows, each column is
-    //! dequantized once per call into a panel that every row reads, with the same FMAs in the same order.
+    //! The AVX-512 drivers (`columns`, `panels`), shared by both bodies through `Body`, and the exact f32 body
+    //! (`Exact`): 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into `q·d` with a
+    //! shift, one `vpternlogd` and one FMA, up to 4 rows sharing one dequantization; from 8 rows, each column is
+    //! dequantized once per call into a panel that every row reads, with the same FMAs in the same order. The BF16
+    //! body is `bf16::Bf16`.
     use super::{row_tiles, Prepared, Q4_1Matrix, PREFETCH_DM, PREFETCH_Q};
     use std::arch::x86_64::*;
     use std::ops::Range;

@@ -1,8 +1,9 @@
 //! The AVX-512 BF16 body: the activations rounded once to bfloat16, each nibble `q` read as the bfloat16 `128 + q`
 //! (its bits `0x4300 | q`), `vdpbf16ps` summing 32 products per instruction in f32, one FMA per 4 blocks for the scales.
 //!
-//! `Σ_b d·Σ_j (128 + q)·x̃ − Σ_b 128·d·Σ_j x̃ + Σ_b m·Σ_j x`, with `x̃` the bfloat16 activations and the minimums' term on the
-//! exact ones; the products are exact in f32, so the only rounding beyond f32 sums is `x → x̃` (2⁻⁹ relative).
+//! `Σ_b d·Σ_j (128 + q)·x̃ − Σ_b 128·d·Σ_j x̃ + Σ_b m·Σ_j x`, with `x̃` the bfloat16 activations and the minimums'
+//! term on the exact ones; the products are exact in f32, so the only rounding beyond f32 sums is `x → x̃` (at most
+//! 2⁻⁸ relative).
 
 use super::avx512::{block_scales, group, Body};
 use super::{Prepared, Q4_1Matrix};
