@@ -102,6 +102,12 @@ impl<'w> Q4_1Matrix<'w> {
         self.blocks().div_ceil(4)
     }
 
+    /// Column `c`'s packed nibbles and its (scale, minimum) halves, from its first block.
+    fn column(&self, c: usize) -> (*const u8, *const u16) {
+        let nb = self.blocks();
+        (self.q[c * nb * 16..].as_ptr(), self.dm[c * nb * 2..].as_ptr())
+    }
+
     /// Vectors of 16 block minimums per column.
     fn min_vectors(&self) -> usize {
         self.blocks().div_ceil(16)
@@ -310,8 +316,7 @@ mod avx512 {
             let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
             let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
             for c in cols {
-                let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-                let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+                let (qrow, dmrow) = w.column(c);
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
                 for g in 0..ng {
                     let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
@@ -348,8 +353,7 @@ mod avx512 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
         unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
             let nb = w.blocks();
-            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+            let (qrow, dmrow) = w.column(c);
             let (weights, mins) = dst.split_at_mut(w.groups() * 8);
             for (g, out) in weights.chunks_exact_mut(8).enumerate() {
                 let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };

@@ -30,8 +30,7 @@ impl Body for Bf16 {
         let xs = unsafe { p.xh.as_ptr().add(r0 * stride) };
         let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 32) };
         for c in cols {
-            let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-            let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+            let (qrow, dmrow) = w.column(c);
             let mut acc = [_mm512_setzero_ps(); R];
             for g in 0..ng {
                 let (v, d) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
@@ -62,8 +61,7 @@ impl Body for Bf16 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn dequantize(w: &Q4_1Matrix, c: usize, dst: &mut [__m512]) {
         let nb = w.blocks();
-        let qrow = unsafe { w.q.as_ptr().add(c * nb * 16) };
-        let dmrow = unsafe { w.dm.as_ptr().add(c * nb * 2) };
+        let (qrow, dmrow) = w.column(c);
         let (groups, mins) = dst.split_at_mut(w.groups() * 5);
         for (g, out) in groups.chunks_exact_mut(5).enumerate() {
             let (v, d) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
