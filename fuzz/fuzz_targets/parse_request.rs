@@ -55,6 +55,7 @@ fn harness() -> &'static Harness {
         let options = EngineOptions {
             ort_dylib_path: config.ort_dylib_path.clone(),
             threads: Some(1),
+            ..EngineOptions::default()
         };
         let engine = Engine::load(&config.model_dir, &options).expect("model artifact (set MODEL_DIR)");
         let keys = KeysDocument {
@@ -70,7 +71,8 @@ fn harness() -> &'static Harness {
             context_length: state.model.context_length,
             eos_ids: vec![EOS as u32],
         };
-        let worker = Worker::spawn(EosModel { info, logits }, state.model.tokenizer.clone(), 64);
+        let model = lambda_llm::core::OneAtATime::new(EosModel { info, logits });
+        let worker = Worker::spawn(model, state.model.tokenizer.clone(), 64, 1);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
