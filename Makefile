@@ -69,10 +69,12 @@ run: setup
 
 test: setup test-rust test-python test-clients test-lambda test-infra test-hardening check-template
 
+# The fuzz target (fuzz/, its own workspace, run by `make fuzz`) is type-checked here so it cannot rot unseen.
 test-rust:
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
 	cargo test --locked
+	cd fuzz && cargo check --locked --target-dir $(CACHE)/target-fuzz-check
 
 test-python:
 	$(PY) -m pytest model-artifacts/tests -q
