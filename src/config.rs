@@ -118,6 +118,7 @@ impl Config {
             max_batch: self.max_batch,
             prefix_cache_bytes: self.prefix_cache_bytes,
             kernels: self.kernels,
+            profile: None,
         }
     }
 

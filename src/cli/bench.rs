@@ -1,5 +1,6 @@
 //! `lambda-llm bench`: load time, prefill and decode speed, time to first token and peak RSS of this engine.
 
+use super::profile::{self, Profile};
 use super::ModelArgs;
 use crate::config::Config;
 use crate::core::sampling::argmax;
@@ -9,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -50,6 +52,10 @@ pub struct BenchArgs {
     /// Concurrent streams for the batching measurement (0 skips it and the prefix-cache one).
     #[arg(long, default_value_t = 8)]
     pub streams: usize,
+    /// Record ONNX Runtime's per-operator profile of every run into a file named from this prefix (slows every node)
+    /// and report where a decode step and the chat prompt spend their time, per operator type.
+    #[arg(long, value_name = "PREFIX")]
+    pub profile: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -87,6 +93,9 @@ struct Report {
     prefix_cache: Option<PrefixResult>,
     /// Peak RSS after the batching and prefix-cache runs.
     peak_rss_many_mib: Option<f64>,
+    /// With `--profile`: where a decode step and the chat prompt spend their time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    profile: Option<Profile>,
 }
 
 /// One stream against many.
@@ -144,13 +153,25 @@ fn run_once(engine: &mut Engine, prompt: &[u32], new: usize) -> Result<(f64, f64
 
 /// Runs the benchmark and prints the report.
 pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
-    let mut engine = a.model.load(config)?;
+    let mut options = config.engine_options();
+    if let Some(dir) = a
+        .profile
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        // ONNX Runtime writes the trace at the end without creating its directory.
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    options.profile = a.profile.clone();
+    let mut engine = a.model.load_with(config, options)?;
     let ready_ms = process_age_ms();
     // The 30-token chat prompt of the performance targets (a short system prompt instead of the template's default).
     let chat = engine.chat_prompt(&[
         ChatMessage::new("system", "You are a helpful assistant. Be concise."),
         ChatMessage::new("user", "What is the capital of France?"),
     ])?;
+    let chat_tokens = chat.len();
     let long = engine.tokenizer.encode(LONG_PROMPT)?;
     let rounds = a.rounds.max(1);
     let new = a.new_tokens.max(2);
@@ -194,6 +215,10 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
         batching,
         prefix_cache,
         peak_rss_many_mib: peak_rss_mib(),
+        profile: match a.profile {
+            Some(_) => Some(profile::summarise(&engine.model.end_profiling()?, chat_tokens)?),
+            None => None,
+        },
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -229,6 +254,9 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
                 "second chat turn ({} tokens, {} cached): TTFT {:.1} ms cached vs {:.1} ms cold",
                 p.prompt_tokens, p.cached_tokens, p.ttft_cached_ms, p.ttft_cold_ms
             );
+        }
+        if let Some(p) = &report.profile {
+            print!("{}", profile::render(p));
         }
     }
     Ok(())

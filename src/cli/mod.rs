@@ -3,11 +3,12 @@
 mod batch;
 mod bench;
 mod keys;
+mod profile;
 mod serve;
 
 use crate::config::Config;
 use crate::core::{generate, GenerationRequest, RawSampling};
-use crate::engine::{ChatMessage, Engine};
+use crate::engine::{ChatMessage, Engine, EngineOptions};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -62,8 +63,12 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the engine from the flag, else the config.
     pub fn load(&self, config: &Config) -> Result<Engine> {
+        self.load_with(config, config.engine_options())
+    }
+
+    /// Loads the engine from the flag, else the config, with `options`.
+    pub fn load_with(&self, config: &Config, options: EngineOptions) -> Result<Engine> {
         let dir = self.model_dir.clone().unwrap_or_else(|| config.model_dir.clone());
-        let options = config.engine_options();
         let engine = Engine::load(&dir, &options).with_context(|| format!("loading model from {}", dir.display()))?;
         tracing::info!(
             model = %engine.manifest.id,

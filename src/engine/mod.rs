@@ -51,6 +51,8 @@ pub struct EngineOptions {
     pub prefix_cache_bytes: usize,
     /// Which kernels run the Q4_1 linear layers (`KERNELS`).
     pub kernels: Kernels,
+    /// ONNX Runtime's per-operator profile, into a file named from this prefix (`lambda-llm bench --profile`).
+    pub profile: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +64,7 @@ impl Default for EngineOptions {
             max_batch: session.max_batch,
             prefix_cache_bytes: session.prefix_cache_bytes,
             kernels: session.kernels,
+            profile: None,
         }
     }
 }
@@ -106,6 +109,7 @@ impl Engine {
             max_batch: options.max_batch,
             prefix_cache_bytes: options.prefix_cache_bytes,
             kernels: options.kernels,
+            profile: options.profile.clone(),
         };
         let mut model = OnnxModel::load(dir, manifest.clone(), env, &session_options)?;
         let (tokenizer, chat) = text_side

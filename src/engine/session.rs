@@ -15,7 +15,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Smallest KV allocation per sequence; longer sequences grow it (never past the context length).
@@ -43,6 +43,9 @@ pub struct SessionOptions {
     pub prefix_cache_bytes: usize,
     /// Which kernels run the Q4_1 linear layers.
     pub kernels: Kernels,
+    /// Record ONNX Runtime's per-operator profile into a file named from this prefix (see
+    /// [`OnnxModel::end_profiling`]); every node pays for the recording.
+    pub profile: Option<PathBuf>,
 }
 
 /// Which kernels run the Q4_1 linear layers (`KERNELS`).
@@ -76,6 +79,7 @@ impl Default for SessionOptions {
             max_batch: 8,
             prefix_cache_bytes: 0,
             kernels: Kernels::Auto,
+            profile: None,
         }
     }
 }
@@ -117,6 +121,7 @@ pub struct OnnxModel {
     next_id: SeqId,
     threads: usize,
     kernels: &'static str,
+    profiling: bool,
 }
 
 impl OnnxModel {
@@ -156,6 +161,9 @@ impl OnnxModel {
             builder = builder
                 .with_operators(custom_op::domain(isa, threads).map_err(backend)?)
                 .map_err(backend)?;
+        }
+        if let Some(prefix) = &options.profile {
+            builder = builder.with_profiling(prefix).map_err(backend)?;
         }
         let session = builder
             .with_optimization_level(if manifest.graph_optimized {
@@ -219,12 +227,22 @@ impl OnnxModel {
                 Some(_) => "lambda-llm q4_1 avx512 (model.fast.onnx)",
                 None => "onnxruntime (model.onnx)",
             },
+            profiling: options.profile.is_some(),
         })
     }
 
     /// Which kernels run the linear layers, and from which graph file.
     pub fn kernels(&self) -> &'static str {
         self.kernels
+    }
+
+    /// Stops the profiler that `SessionOptions::profile` started and returns the file ONNX Runtime wrote (a Chrome
+    /// trace: one event per run and per node, with its operator type and input shapes).
+    pub fn end_profiling(&mut self) -> Result<PathBuf, ModelError> {
+        if !std::mem::take(&mut self.profiling) {
+            return Err(ModelError::InvalidInput("the session is not profiling".into()));
+        }
+        self.session.end_profiling().map(PathBuf::from).map_err(backend)
     }
 
     /// Threads the session runs with.
