@@ -69,7 +69,8 @@ run: setup
 
 test: setup test-rust test-python test-clients test-lambda test-infra test-hardening check-template
 
-# The fuzz target (fuzz/, its own workspace, run by `make fuzz`) is type-checked here so it cannot rot unseen.
+# The fuzz target (fuzz/, its own workspace, run by `make fuzz`) is type-checked here so it cannot rot unseen; after a
+# change to the crate's dependencies, `cd fuzz && cargo update -p lambda-llm` brings its Cargo.lock along.
 test-rust:
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use lambda_llm::config::Config;
 use lambda_llm::core::{Model, ModelError, ModelInfo};
 use lambda_llm::engine::worker::Worker;
-use lambda_llm::engine::{Engine, EngineOptions};
+use lambda_llm::engine::Engine;
 use lambda_llm::http::{router, AppState};
 use lambda_llm::keys::{hash_key, KeyRecord, KeysDocument, MemoryKeyStore};
 use libfuzzer_sys::fuzz_target;
@@ -52,11 +52,8 @@ fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
         let config = Config::from_env().expect("configuration");
-        let options = EngineOptions {
-            ort_dylib_path: config.ort_dylib_path.clone(),
-            threads: Some(1),
-            ..EngineOptions::default()
-        };
+        let mut options = config.engine_options();
+        options.threads = Some(1);
         let engine = Engine::load(&config.model_dir, &options).expect("model artifact (set MODEL_DIR)");
         let keys = KeysDocument {
             keys: vec![KeyRecord::new("key_fuzz", "fuzz", hash_key(KEY))],

@@ -5,6 +5,7 @@ use super::ModelArgs;
 use crate::config::Config;
 use crate::core::sampling::argmax;
 use crate::core::{Batcher, Delta, Generation, GenerationRequest, Listener, Model, ModelError, SamplingParams};
+use crate::engine::session::OnnxModel;
 use crate::engine::{ChatMessage, Engine};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -53,7 +54,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub streams: usize,
     /// Record ONNX Runtime's per-operator profile of every run into a file named from this prefix (slows every node)
-    /// and report where a decode step and the chat prompt spend their time, per operator type.
+    /// and report where a decode step (every later one-token run of one sequence) and the chat prompt spend their
+    /// time, per operator type.
     #[arg(long, value_name = "PREFIX")]
     pub profile: Option<PathBuf>,
     #[command(flatten)]
@@ -154,14 +156,20 @@ fn run_once(engine: &mut Engine, prompt: &[u32], new: usize) -> Result<(f64, f64
 /// Runs the benchmark and prints the report.
 pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
     let mut options = config.engine_options();
-    if let Some(dir) = a
-        .profile
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        // ONNX Runtime writes the trace at the end without creating its directory.
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(prefix) = &a.profile {
+        // ONNX Runtime opens the trace file when it builds the session, and does not create its directory.
+        let dir = if prefix
+            .as_os_str()
+            .to_string_lossy()
+            .ends_with(std::path::MAIN_SEPARATOR)
+        {
+            prefix.as_path()
+        } else {
+            prefix.parent().unwrap_or(Path::new(""))
+        };
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
     }
     options.profile = a.profile.clone();
     let mut engine = a.model.load_with(config, options)?;
@@ -216,7 +224,11 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
         prefix_cache,
         peak_rss_many_mib: peak_rss_mib(),
         profile: match a.profile {
-            Some(_) => Some(profile::summarise(&engine.model.end_profiling()?, chat_tokens)?),
+            Some(_) => Some(profile::summarise(
+                &engine.model.end_profiling()?,
+                OnnxModel::WARM_UP_RUNS,
+                chat_tokens,
+            )?),
             None => None,
         },
     };

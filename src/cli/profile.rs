@@ -42,29 +42,44 @@ pub struct OpTime {
 pub struct Profile {
     pub file: PathBuf,
     pub kinds: Vec<RunKind>,
+    /// The trace reached ONNX Runtime's limit of events, so the last runs are missing from it.
+    pub truncated: bool,
 }
+
+/// Events ONNX Runtime's profiler records at most; it drops the rest.
+const MAX_EVENTS: usize = 1_000_000;
 
 /// A run of the trace: its wall time and its nodes (operator type, µs).
 struct Run {
+    end: f64,
     dur: f64,
     /// `[rows, tokens]` from the first attention node's first input.
     shape: Option<(u64, u64)>,
     nodes: Vec<(String, f64)>,
 }
 
-/// Reads the trace at `file` and summarises its one-token decode steps and its runs of a `prompt_tokens` prompt.
-pub fn summarise(file: &Path, prompt_tokens: usize) -> Result<Profile> {
+/// Reads the trace at `file` and, leaving out its first `skip` runs (the warm-up), summarises its one-token runs of
+/// one sequence (decode steps) and its runs of a `prompt_tokens` prompt.
+pub fn summarise(file: &Path, skip: usize, prompt_tokens: usize) -> Result<Profile> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading the profile {}", file.display()))?;
     let events: Vec<Value> =
         serde_json::from_str(&text).with_context(|| format!("parsing the profile {}", file.display()))?;
-    let runs = runs(&events);
-    let kinds = [("decode step", 1), ("prompt", prompt_tokens as u64)]
+    let runs: Vec<Run> = runs(&events).into_iter().skip(skip).collect();
+    let kinds: Vec<RunKind> = [("decode step", 1), ("prompt", prompt_tokens as u64)]
         .into_iter()
         .filter_map(|(name, tokens)| kind(name, &runs, 1, tokens))
         .collect();
+    anyhow::ensure!(
+        !kinds.is_empty(),
+        "the profile {} has no one-token run and no {prompt_tokens}-token run of one sequence ({} runs after the \
+         warm-up)",
+        file.display(),
+        runs.len()
+    );
     Ok(Profile {
         file: file.to_path_buf(),
         kinds,
+        truncated: events.len() >= MAX_EVENTS,
     })
 }
 
@@ -80,6 +95,7 @@ fn runs(events: &[Value]) -> Vec<Run> {
             Some((
                 ts,
                 Run {
+                    end: ts + dur,
                     dur,
                     shape: None,
                     nodes: Vec::new(),
@@ -99,13 +115,19 @@ fn runs(events: &[Value]) -> Vec<Run> {
         let Some(op) = e.pointer("/args/op_name").and_then(Value::as_str) else {
             continue;
         };
-        // The run that started last at or before this node.
+        // The run that started last at or before this node, if the node ends inside it (a run whose own event the
+        // profiler dropped at its limit does not take the nodes).
         let i = runs.partition_point(|(start, _)| *start <= ts);
         let Some((_, run)) = i.checked_sub(1).and_then(|i| runs.get_mut(i)) else {
             continue;
         };
+        if ts + dur > run.end {
+            continue;
+        }
         if run.shape.is_none() && op == "GroupQueryAttention" {
-            let dims = e.pointer("/args/input_type_shape/0/float").and_then(Value::as_array);
+            // The first input's shape: `{"<element type>": [rows, tokens, hidden]}`.
+            let first = e.pointer("/args/input_type_shape/0").and_then(Value::as_object);
+            let dims = first.and_then(|m| m.values().next()).and_then(Value::as_array);
             let dim = |k: usize| dims.and_then(|d| d.get(k)).and_then(Value::as_u64);
             run.shape = dim(0).zip(dim(1));
         }
@@ -158,6 +180,9 @@ pub fn render(p: &Profile) -> String {
         "ONNX Runtime profile (every node is slowed by the recording): {}\n",
         p.file.display()
     );
+    if p.truncated {
+        out += &format!("(the trace reached ONNX Runtime's limit of {MAX_EVENTS} events: its last runs are missing)\n");
+    }
     for k in &p.kinds {
         out += &format!(
             "{} ({} token{}): {} runs, {:.0} µs each\n",
@@ -204,6 +229,8 @@ mod tests {
     #[test]
     fn nodes_are_summed_per_operator_within_each_kind_of_run() {
         let trace = json!([
+            run(-50.0, 10.0), // the warm-up, left out
+            node(-49.0, 1.0, "GroupQueryAttention", 1, 1),
             run(0.0, 100.0),
             node(1.0, 50.0, "MatMulQ4_1", 1, 30),
             node(60.0, 20.0, "GroupQueryAttention", 1, 30),
@@ -218,12 +245,15 @@ mod tests {
             node(317.0, 3.0, "GroupQueryAttention", 1, 1),
             run(400.0, 30.0), // a batched step: neither kind
             node(401.0, 9.0, "GroupQueryAttention", 8, 1),
+            node(500.0, 9.0, "GroupQueryAttention", 1, 1), // after every run's end: its run was dropped
+            node(509.0, 9.0, "MatMulQ4_1", 1, 1),
             json!({"cat": "Session", "name": "session_initialization", "ts": 0.0, "dur": 5.0}),
         ]);
         let file = std::env::temp_dir().join(format!("lambda-llm-profile-test-{}.json", std::process::id()));
         std::fs::write(&file, trace.to_string()).unwrap();
-        let p = summarise(&file, 30).unwrap();
+        let p = summarise(&file, 1, 30).unwrap();
         std::fs::remove_file(&file).unwrap();
+        assert!(!p.truncated);
         assert_eq!(p.kinds.len(), 2);
         let decode = &p.kinds[0];
         assert_eq!(
@@ -268,9 +298,17 @@ mod tests {
     fn a_file_that_is_not_a_trace_is_an_error() {
         let file = std::env::temp_dir().join(format!("lambda-llm-profile-bad-{}.json", std::process::id()));
         std::fs::write(&file, "{\"not\": \"a list\"}").unwrap();
-        let err = summarise(&file, 30).unwrap_err();
-        std::fs::remove_file(&file).unwrap();
+        let err = summarise(&file, 0, 30).unwrap_err();
         assert!(format!("{err:#}").contains("parsing the profile"), "{err:#}");
-        assert!(summarise(Path::new("/nonexistent/profile.json"), 30).is_err());
+        // A trace without a decode step or the prompt (here: only the warm-up) says so.
+        let only_warm_up = json!([run(0.0, 10.0), node(1.0, 1.0, "GroupQueryAttention", 1, 2)]);
+        std::fs::write(&file, only_warm_up.to_string()).unwrap();
+        let err = summarise(&file, 1, 30).unwrap_err();
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            format!("{err:#}").contains("no one-token run and no 30-token run"),
+            "{err:#}"
+        );
+        assert!(summarise(Path::new("/nonexistent/profile.json"), 0, 30).is_err());
     }
 }

@@ -240,7 +240,7 @@ impl OnnxModel {
     /// trace: one event per run and per node, with its operator type and input shapes).
     pub fn end_profiling(&mut self) -> Result<PathBuf, ModelError> {
         if !std::mem::take(&mut self.profiling) {
-            return Err(ModelError::InvalidInput("the session is not profiling".into()));
+            return Err(ModelError::Backend("the session is not profiling".into()));
         }
         self.session.end_profiling().map(PathBuf::from).map_err(backend)
     }
@@ -259,6 +259,9 @@ impl OnnxModel {
     pub fn clear_prefix_cache(&mut self) {
         self.prefix.clear();
     }
+
+    /// Graph runs `warm_up` makes (a 2-token prompt, then one token), the first runs of every session.
+    pub const WARM_UP_RUNS: usize = 2;
 
     /// Runs a short sequence through the graph so the first real request does not pay for lazy initialisation.
     pub fn warm_up(&mut self) -> Result<Duration, ModelError> {
