@@ -91,7 +91,7 @@ fn profile_with(kernels: &str) {
         // 30 layers: 4 linear layers (fused QKV, output, fused gate/up, down) and one attention each.
         assert_eq!(nodes(linear), Some(count), "{k}");
         assert_eq!(nodes("GroupQueryAttention"), Some(30), "{k}");
-        // The linear layers take the most time.
-        assert_eq!(ops[0].0, linear, "{k}");
+        // Most time first (a property of the summary, not a speed).
+        assert!(ops.windows(2).all(|w| w[0].2 >= w[1].2), "{k}");
     }
 }
