@@ -10,9 +10,11 @@
    GGUF), C = the artifact's model.onnx in Python ONNX Runtime (model-artifacts/run_ort.py), and on a CPU with
    AVX512_BF16 D = A with `KERNELS=bf16` (the explicit, not exact, bfloat16 option). B and C run in
    bench/engines.py, which measures exactly what src/cli/bench.rs measures.
-3. Medians per engine, ratios ours / llama.cpp, ours / python-ort and bf16 / llama.cpp, written to --out
-   (markdown), a chart (ratios.png beside --out) and the raw runs (--out with .json). A failed run is an error cell,
-   never a crash.
+3. Once per kernel choice (auto, bf16 where the CPU has it, ort) at the largest thread count,
+   `lambda-llm bench --streams 0 --profile`: each operator type's share of a decode step and of the chat prompt.
+4. Medians per engine, ratios ours / llama.cpp, ours / python-ort and bf16 / llama.cpp, written to --out
+   (markdown, with the profiles), a chart (ratios.png beside --out) and the raw runs (--out with .json). A failed
+   run is an error cell, never a crash.
 """
 
 from __future__ import annotations
@@ -215,6 +217,58 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
     return None
 
 
+def profiles(a, t: int, engines: list[str]) -> list[str]:
+    """`lambda-llm bench --profile` once per kernel choice at `t` threads: where a decode step and the chat prompt
+    spend their time, per operator type (ONNX Runtime's profiler, which slows every node: shares, not speeds)."""
+    import tempfile
+
+    variants = [("lambda-llm", "auto")] + ([("lambda-llm bf16", "bf16")] if "bf16" in engines else []) + \
+        [("lambda-llm KERNELS=ort", "ort")]
+    got = []
+    for name, kernels in variants:
+        with tempfile.TemporaryDirectory(prefix="lambda-llm-profile-") as tmp:
+            env = dict(os.environ, MODEL_THREADS=str(t), KERNELS=kernels)
+            cmd = [a.binary, "bench", "--json", "--rounds", "1", "--streams", "0", "--new-tokens",
+                   str(a.new_tokens), "--model-dir", a.model_dir, "--profile", os.path.join(tmp, "trace")]
+            try:
+                kinds = {k["name"]: k for k in run_json(cmd, env, None, a.timeout)["profile"]["kinds"]}
+            except (RunError, KeyError, TypeError) as e:
+                log(f"profile {name}: ERROR {e}")
+                continue
+        log(f"profile {name}: ok")
+        got.append((name, kinds))
+    if not got:
+        return []
+    md = [f"### Where the time goes ({t} threads, ONNX Runtime's profiler)", "",
+          "`lambda-llm bench --streams 0 --profile PREFIX` once per kernel choice: each operator type's share of a "
+          "one-token decode step and of the chat prompt. The profiler slows every node, so compare shares; "
+          "\"outside nodes\" is ONNX Runtime's executor plus the profiler's bookkeeping.", ""]
+    for kind in ["decode step", "prompt"]:
+        cols = [(name, kinds[kind]) for name, kinds in got if kind in kinds]
+        if not cols:
+            continue
+        ops = []
+        for _, k in cols:
+            for o in k["ops"]:
+                if o["share"] >= 0.005 and o["op"] not in ops:
+                    ops.append(o["op"])
+        tokens = cols[0][1]["tokens"]
+        md += [f"| {kind} ({tokens} token{'s' if tokens != 1 else ''}) | " + " | ".join(n for n, _ in cols) + " |",
+               "|---|" + "--:|" * len(cols)]
+        md.append("| one run under the profiler, ms | " + " | ".join(f"{k['run_us'] / 1e3:.1f}" for _, k in cols)
+                  + " |")
+        for op in ops:
+            cells = []
+            for _, k in cols:
+                o = next((o for o in k["ops"] if o["op"] == op), None)
+                cells.append(f"{100 * o['share']:.1f} % ({o['nodes']})" if o else "")
+            md.append(f"| {op} (nodes) | " + " | ".join(cells) + " |")
+        md.append("| outside nodes | " + " | ".join(f"{100 * k['outside_nodes_us'] / k['run_us']:.1f} %"
+                                                   for _, k in cols) + " |")
+        md.append("")
+    return md
+
+
 def has_bf16() -> bool:
     """Whether this CPU has AVX-512 with its BF16 dot product (KERNELS=bf16 runs its own kernel)."""
     try:
@@ -355,6 +409,7 @@ def main(argv=None) -> int:
                 runs.append(rec)
                 log(f"[{t} thread(s), round {rnd}/{a.rounds}] {name:<10} {rec['wall_s']:5.1f} s  {msg}")
 
+    profile_md = profiles(a, max(threads), engines)
     load_end = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     tables, ratios = build_tables(runs, threads, engines)
     chart_path = os.path.join(os.path.dirname(os.path.abspath(a.out)), "ratios.png")
@@ -381,7 +436,8 @@ def main(argv=None) -> int:
           "Serving many: 8 chat prompts of 30–40 tokens started together, each decoding the same number of new "
           "tokens (greedy, EOS suppressed), against one of them alone; tok/s = generated tokens / wall time "
           "including prompt processing. Chat turn 2: a second turn whose prompt starts with the first turn and its "
-          "answer, with the first turn's state in the prefix cache and with the cache cleared.", ""]
+          "answer, with the first turn's state in the prefix cache and with the cache cleared.", "",
+          *profile_md]
     if chart_err is None:
         md += [f"![ratios]({os.path.basename(chart_path)})", ""]
     if errors:
