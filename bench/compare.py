@@ -30,6 +30,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,14 +75,18 @@ def run_json(cmd: list[str], env: dict, stdin: str | None, timeout: float) -> di
         raise RunError(f"not JSON: {lines[-1][:200]}") from None
 
 
+def run_ours(a, threads: int, kernels: str, *extra: str) -> dict:
+    """`MODEL_THREADS=threads KERNELS=kernels lambda-llm bench --json --rounds 1 ... extra`."""
+    env = dict(os.environ, MODEL_THREADS=str(threads), KERNELS=kernels)
+    cmd = [a.binary, "bench", "--json", "--rounds", "1", "--new-tokens", str(a.new_tokens),
+           "--model-dir", a.model_dir, *extra]
+    return run_json(cmd, env, None, a.timeout)
+
+
 def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
     env = dict(os.environ)
     if engine in OURS:
-        env["MODEL_THREADS"] = str(threads)
-        env["KERNELS"] = OURS[engine]
-        cmd = [a.binary, "bench", "--json", "--rounds", "1", "--new-tokens", str(a.new_tokens),
-               "--model-dir", a.model_dir]
-        r = run_json(cmd, env, None, a.timeout)
+        r = run_ours(a, threads, OURS[engine])
     else:
         job = {"engine": engine, "threads": threads, "new_tokens": a.new_tokens, "gguf": a.gguf,
                "model_dir": a.model_dir, "prompts": [{"name": p["name"], "ids": p["prompt_ids"]} for p in prompts]}
@@ -220,18 +225,13 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
 def profiles(a, t: int, engines: list[str]) -> list[str]:
     """`lambda-llm bench --profile` once per kernel choice at `t` threads: where a decode step and the chat prompt
     spend their time, per operator type (ONNX Runtime's profiler, which slows every node: shares, not speeds)."""
-    import tempfile
-
-    variants = [("lambda-llm", "auto")] + ([("lambda-llm bf16", "bf16")] if "bf16" in engines else []) + \
-        [("lambda-llm KERNELS=ort", "ort")]
+    variants = [(dict(ENGINES)[e], OURS[e]) for e in OURS if e in engines] + [("lambda-llm KERNELS=ort", "ort")]
     got = []
     for name, kernels in variants:
         with tempfile.TemporaryDirectory(prefix="lambda-llm-profile-") as tmp:
-            env = dict(os.environ, MODEL_THREADS=str(t), KERNELS=kernels)
-            cmd = [a.binary, "bench", "--json", "--rounds", "1", "--streams", "0", "--new-tokens",
-                   str(a.new_tokens), "--model-dir", a.model_dir, "--profile", os.path.join(tmp, "trace")]
             try:
-                kinds = {k["name"]: k for k in run_json(cmd, env, None, a.timeout)["profile"]["kinds"]}
+                r = run_ours(a, t, kernels, "--streams", "0", "--profile", os.path.join(tmp, "trace"))
+                kinds = {k["name"]: k for k in r["profile"]["kinds"]}
             except (RunError, KeyError, TypeError) as e:
                 log(f"profile {name}: ERROR {e}")
                 continue

@@ -343,8 +343,7 @@ mod avx512 {
                     }
                 }
                 for r in 0..R {
-                    let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r], minus[r]));
-                    unsafe { *y.add((r0 + r) * w.n + c) = v };
+                    unsafe { put(w, y, r0 + r, c, sum[r], minus[r]) };
                 }
             }
         }
@@ -415,8 +414,7 @@ mod avx512 {
             }
             for r in 0..R {
                 for c in 0..C {
-                    let v = _mm512_reduce_add_ps(_mm512_add_ps(sum[r][c], minus[r][c]));
-                    unsafe { *y.add((r0 + r) * w.n + c0 + c) = v };
+                    unsafe { put(w, y, r0 + r, c0 + c, sum[r][c], minus[r][c]) };
                 }
             }
         }
@@ -505,6 +503,13 @@ mod avx512 {
         let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(dm));
         let d = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), dm);
         (v, d)
+    }
+
+    /// `y[row][col]` (`y` is `[rows][N]`): the lanes of a row and column's weight terms plus its minimums' term, summed.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn put(w: &Q4_1Matrix, y: *mut f32, row: usize, col: usize, sum: __m512, minus: __m512) {
+        unsafe { *y.add(row * w.n + col) = _mm512_reduce_add_ps(_mm512_add_ps(sum, minus)) };
     }
 
     /// The scales and the minimums of blocks `16h..16h + 16` of a column (`nb` blocks), zeros past the last.

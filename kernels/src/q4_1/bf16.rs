@@ -5,7 +5,7 @@
 //! term on the exact ones; the products are exact in f32, so the only rounding beyond f32 sums is `x → x̃` (at most
 //! 2⁻⁸ relative).
 
-use super::avx512::{block_scales, group, Body};
+use super::avx512::{block_scales, group, put, Body};
 use super::{Prepared, Q4_1Matrix};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -51,8 +51,7 @@ impl Body for Bf16 {
                 }
             }
             for r in 0..R {
-                let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], minus[r]));
-                unsafe { *y.add((r0 + r) * w.n + c) = v };
+                unsafe { put(w, y, r0 + r, c, acc[r], minus[r]) };
             }
         }
     }
@@ -122,8 +121,7 @@ impl Body for Bf16 {
         }
         for r in 0..R {
             for c in 0..C {
-                let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c], minus[r][c]));
-                unsafe { *y.add((r0 + r) * w.n + c0 + c) = v };
+                unsafe { put(w, y, r0 + r, c0 + c, acc[r][c], minus[r][c]) };
             }
         }
     }
