@@ -93,17 +93,26 @@ impl Body for Bf16 {
         let xs = unsafe { p.xh.as_ptr().add(r0 * stride) };
         let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 32) };
         let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
+        let bh = |v: __m512i| -> __m512bh { unsafe { std::mem::transmute(v) } };
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         for g in 0..ng {
-            let x: [[__m512i; 4]; R] = std::array::from_fn(|r| {
-                std::array::from_fn(|t| unsafe { _mm512_loadu_si512(xs.add(r * stride + g * 128 + 32 * t).cast()) })
-            });
+            // `dot`'s chains, one step of every (row, column) at a time, so the chains overlap.
+            let mut sum = [[_mm512_setzero_ps(); C]; R];
+            for t in 0..4 {
+                let x: [__m512i; R] = std::array::from_fn(|r| unsafe {
+                    _mm512_loadu_si512(xs.add(r * stride + g * 128 + 32 * t).cast())
+                });
+                for c in 0..C {
+                    let wt = _mm512_castps_si512(unsafe { *col(c).add(g * 5 + t) });
+                    for r in 0..R {
+                        sum[r][c] = _mm512_dpbf16_ps(sum[r][c], bh(wt), bh(x[r]));
+                    }
+                }
+            }
             for c in 0..C {
-                let v = unsafe { col(c).add(g * 5) };
-                let wt: [__m512i; 4] = std::array::from_fn(|t| _mm512_castps_si512(unsafe { *v.add(t) }));
-                let d = unsafe { *v.add(4) };
+                let d = unsafe { *col(c).add(g * 5 + 4) };
                 for r in 0..R {
-                    acc[r][c] = _mm512_fmadd_ps(dot(&wt, x[r]), d, acc[r][c]);
+                    acc[r][c] = _mm512_fmadd_ps(sum[r][c], d, acc[r][c]);
                 }
             }
         }
