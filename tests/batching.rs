@@ -175,6 +175,10 @@ fn growing_chat(mut engine: Engine) {
         ),
         24,
     );
+    let turn2 = GenerationRequest {
+        logprobs: Some(0),
+        ..turn2
+    };
     let second = run_batched(&mut engine, &turn2);
     assert!(
         second.usage.cached_tokens >= turn1.prompt.len(),
@@ -191,10 +195,14 @@ fn growing_chat(mut engine: Engine) {
         second.text, expected.text
     );
 
-    // The same prompt again: everything but the last token comes from the cache, same answer.
+    // The same prompt again: everything but the last two tokens comes from the cache, with the very bits of the
+    // first time (those two run as a prompt of two rows, as they did then).
     let again = run_batched(&mut engine, &turn2);
-    assert_eq!(again.usage.cached_tokens, turn2.prompt.len() - 1);
+    assert_eq!(again.usage.cached_tokens, turn2.prompt.len() - 2);
     assert_eq!(again.token_ids, expected.token_ids);
+    let bits = |g: &Generation| g.logprobs.iter().map(|t| t.logprob.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&again).len(), again.token_ids.len());
+    assert_eq!(bits(&again), bits(&second));
 
     // Another API key (cache scope) sending the very same prompt reuses nothing: the cache is per key.
     let mut other_key = turn2.clone();

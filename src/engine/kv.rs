@@ -160,10 +160,11 @@ impl PrefixCache {
         self.used
     }
 
-    /// The longest cached prefix of `prompt`, leaving at least its last token to compute (the model must produce
-    /// logits for it): `(state, length)`.
+    /// The longest cached prefix of `prompt`, leaving at least its last two tokens to compute: `(state, length)`.
+    /// The model must produce logits for the last one, and ONNX Runtime's attention sums a one-row forward in another
+    /// order than a forward of several rows, so a prompt sent again gets the bits it got the first time.
     pub fn lookup(&mut self, scope: u64, prompt: &[u32]) -> Option<(&[f32], usize)> {
-        let limit = prompt.len().saturating_sub(1);
+        let limit = prompt.len().saturating_sub(2);
         let (best, len) = self
             .entries
             .iter()
@@ -262,9 +263,10 @@ mod tests {
         let mut c = PrefixCache::new(20 * per);
         c.insert(7, vec![1, 2, 3, 4, 5, 6], vec![0.0; 6 * per]);
         c.insert(7, vec![1, 2, 3, 4, 9, 9, 9, 9], vec![1.0; 8 * per]);
-        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 5, 6, 7]).map(|(_, n)| n), Some(6));
-        // At least one token is left to compute, and short matches are not worth it.
-        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 5, 6]).map(|(_, n)| n), Some(5));
+        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 5, 6, 7, 8]).map(|(_, n)| n), Some(6));
+        // At least two tokens are left to compute, and short matches are not worth it.
+        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 5, 6, 7]).map(|(_, n)| n), Some(5));
+        assert_eq!(c.lookup(7, &[1, 2, 3, 4, 5, 6]).map(|(_, n)| n), Some(4));
         assert_eq!(c.lookup(7, &[1, 2, 3, 7, 7]), None);
         // A growing chat: the longer sequence replaces the one it extends.
         c.insert(7, vec![1, 2, 3, 4, 5, 6, 7, 8], vec![2.0; 8 * per]);
@@ -273,7 +275,7 @@ mod tests {
         c.insert(7, vec![5, 5, 5, 5, 5], vec![3.0; 5 * per]);
         assert_eq!(c.used(), 13 * per);
         assert_eq!(c.lookup(7, &[1, 2, 3, 4, 9, 9, 9, 9, 1]).map(|(_, n)| n), Some(4));
-        assert_eq!(c.lookup(7, &[5, 5, 5, 5, 5, 1]).map(|(_, n)| n), Some(5));
+        assert_eq!(c.lookup(7, &[5, 5, 5, 5, 5, 1, 2]).map(|(_, n)| n), Some(5));
         assert!(!PrefixCache::new(0).enabled());
         // Another scope (API key) never sees these entries.
         assert_eq!(c.lookup(8, &[5, 5, 5, 5, 5, 1]), None);
