@@ -11,7 +11,9 @@
    AVX512_BF16 D = A with `KERNELS=bf16` (the explicit, not exact, bfloat16 option). B and C run in
    bench/engines.py, which measures exactly what src/cli/bench.rs measures.
 3. Once per kernel choice (auto, bf16 where the CPU has it, ort) at the largest thread count,
-   `lambda-llm bench --streams 0 --profile`: each operator type's share of a decode step and of the chat prompt.
+   `lambda-llm bench --streams 0 --profile`: each operator type's share of a decode step and of the chat prompt;
+   then bench/fidelity.py once: llama.cpp's and python-ort's next-token argmax against the fp32 reference at the
+   converter's 128 teacher-forced positions (model-artifacts/measure.py).
 4. Medians per engine, ratios ours / llama.cpp, ours / python-ort and bf16 / llama.cpp, written to --out
    (markdown, with the profiles), a chart (ratios.png beside --out) and the raw runs (--out with .json). A failed
    run is an error cell, never a crash.
@@ -269,6 +271,34 @@ def profiles(a, t: int, engines: list[str]) -> list[str]:
     return md
 
 
+def fidelity(a, t: int) -> tuple[list[str], dict]:
+    """bench/fidelity.py once at `t` threads, in its own process: llama.cpp and python-ort against the fp32
+    reference at model-artifacts/measure.py's 128 teacher-forced positions (markdown lines, raw result)."""
+    cmd = [sys.executable, os.path.join(HERE, "fidelity.py"), "--gguf", a.gguf, "--model-dir", a.model_dir,
+           "--threads", str(t)]
+    md = [f"### Fidelity against the fp32 reference ({t} thread{'s' if t > 1 else ''})", "",
+          "`bench/fidelity.py`: the next-token argmax at the converter's 128 teacher-forced positions "
+          "(`model-artifacts/measure.py`: 4 prompts × 32 tokens, the same ids for both engines, its prefill scheme) "
+          "against the numpy fp32 reference of the GGUF (`model-artifacts/reference.py`). Δ winning logit = "
+          "|engine − reference| at the reference's argmax; RMS over every position's whole vocabulary.", ""]
+    try:
+        r = run_json(cmd, dict(os.environ), None, a.timeout)
+        rows = r["engines"]
+    except (RunError, KeyError, TypeError) as e:
+        log(f"fidelity: ERROR {e}")
+        return md + [f"error: {e}", ""], {"error": str(e)}
+    md += ["| engine | agreement | max \\|Δ winning logit\\| | logit RMS |", "|---|--:|--:|--:|"]
+    for e in rows:
+        if "error" in e:
+            log(f"fidelity {e.get('engine')}: ERROR {e['error']}")
+            md.append(f"| {e.get('engine')} | error | | |")
+        else:
+            log(f"fidelity {e['engine']}: {e['agreement']}/{e['positions']}")
+            md.append(f"| {e['engine']} | {e['agreement']}/{e['positions']} | {e['max_win_diff']:.3g} | "
+                      f"{e['logit_rms']:.3g} |")
+    return md + [""], r
+
+
 def has_bf16() -> bool:
     """Whether this CPU has AVX-512 with its BF16 dot product (KERNELS=bf16 runs its own kernel)."""
     try:
@@ -410,6 +440,7 @@ def main(argv=None) -> int:
                 log(f"[{t} thread(s), round {rnd}/{a.rounds}] {name:<10} {rec['wall_s']:5.1f} s  {msg}")
 
     profile_md = profiles(a, max(threads), engines)
+    fidelity_md, fid = fidelity(a, max(threads))
     load_end = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     tables, ratios = build_tables(runs, threads, engines)
     chart_path = os.path.join(os.path.dirname(os.path.abspath(a.out)), "ratios.png")
@@ -437,7 +468,7 @@ def main(argv=None) -> int:
           "tokens (greedy, EOS suppressed), against one of them alone; tok/s = generated tokens / wall time "
           "including prompt processing. Chat turn 2: a second turn whose prompt starts with the first turn and its "
           "answer, with the first turn's state in the prefix cache and with the cache cleared.", "",
-          *profile_md]
+          *fidelity_md, *profile_md]
     if chart_err is None:
         md += [f"![ratios]({os.path.basename(chart_path)})", ""]
     if errors:
@@ -447,7 +478,7 @@ def main(argv=None) -> int:
         f.write(text)
     with open(os.path.splitext(a.out)[0] + ".json", "w", encoding="utf-8") as f:
         json.dump({"date": started.isoformat(), "command": cmd, "prompts": prompts, "runs": runs,
-                   "ratios": ratios}, f, indent=1)
+                   "ratios": ratios, "fidelity": fid}, f, indent=1)
     print(text)
     log(f"wrote {a.out}, {os.path.splitext(a.out)[0]}.json" + (f", {chart_path}" if chart_err is None else
                                                                  f" ({chart_err})"))
