@@ -47,11 +47,11 @@ def test_a_growing_chat_reports_cached_prompt_tokens(server):
     second = c.chat.completions.create(model=MODEL_ID, messages=turn2, max_tokens=24, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
-    # Streamed, with usage: the same count (everything but the last prompt token is now cached).
+    # Streamed, with usage: everything but the last two prompt tokens is now cached.
     chunks = list(c.chat.completions.create(model=MODEL_ID, messages=turn2, max_tokens=24, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     usage = chunks[-1].usage
-    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 2
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == second.choices[0].message.content
 
@@ -59,7 +59,12 @@ def test_a_growing_chat_reports_cached_prompt_tokens(server):
 def test_a_completion_reports_cached_tokens_too(server):
     c = client(server)
     prompt = "Once upon a time, in a kingdom by the sea, there lived a"
-    a = c.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0)
-    b = c.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0)
-    assert b.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_tokens - 1
+    # Sampled with a seed: the second request, served from the cache, draws the same tokens with the very same
+    # log-probabilities (the cache leaves two prompt tokens to compute, as a prompt of two rows).
+    kw = dict(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=1, seed=11, logprobs=2)
+    a = c.completions.create(**kw)
+    b = c.completions.create(**kw)
+    assert b.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_tokens - 2
     assert b.choices[0].text == a.choices[0].text
+    assert b.choices[0].logprobs.token_logprobs == a.choices[0].logprobs.token_logprobs
+    assert b.choices[0].logprobs.top_logprobs == a.choices[0].logprobs.top_logprobs
