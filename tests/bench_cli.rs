@@ -44,12 +44,12 @@ fn profile_with(kernels: &str) {
     assert!(trace.as_array().is_some_and(|events| events.len() > 1000));
     std::fs::remove_dir_all(&dir).unwrap();
 
-    // The linear layers' operator is the kernel the engine says it runs: ours (the LM head is MatMulQ8_0) or ONNX
-    // Runtime's (the LM head is a MatMulNBits too).
-    let (linear, count) = if report["kernels"].as_str().unwrap().contains("q4_1") {
-        ("MatMulQ4_1", 120)
+    // The linear layers' and attention's operators are the kernels the engine says it runs: ours (the LM head is
+    // MatMulQ8_0) or ONNX Runtime's (the LM head is a MatMulNBits too).
+    let (linear, count, attention) = if report["kernels"].as_str().unwrap().contains("q4_1") {
+        ("MatMulQ4_1", 120, "Attention")
     } else {
-        ("MatMulNBits", 121)
+        ("MatMulNBits", 121, "GroupQueryAttention")
     };
     let kinds = profile["kinds"].as_array().unwrap();
     let kind = |name: &str| {
@@ -90,7 +90,7 @@ fn profile_with(kernels: &str) {
         let nodes = |name: &str| ops.iter().find(|o| o.0 == name).map(|o| o.1);
         // 30 layers: 4 linear layers (fused QKV, output, fused gate/up, down) and one attention each.
         assert_eq!(nodes(linear), Some(count), "{k}");
-        assert_eq!(nodes("GroupQueryAttention"), Some(30), "{k}");
+        assert_eq!(nodes(attention), Some(30), "{k}");
         // Most time first (a property of the summary, not a speed).
         assert!(ops.windows(2).all(|w| w[0].2 >= w[1].2), "{k}");
     }

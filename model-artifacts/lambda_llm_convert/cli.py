@@ -181,7 +181,8 @@ def convert(gguf_path: str, out_dir: str, model_id: str = DEFAULT_MODEL_ID,
             manifest["files"]["fast_weights"] = FAST_WEIGHTS_FILE
             manifest["quantization"]["fast_kernel"] = (
                 f"{layers} Q4_1 layers as ai.lambda_llm.MatMulQ4_1 (exact: fp32 products of the nibbles, scales and "
-                "minimums kept as their f16 values), used by lambda-llm on CPUs with AVX-512")
+                "minimums kept as their f16 values) and attention as ai.lambda_llm.Attention (each query row on its "
+                "own), used by lambda-llm on CPUs with AVX-512")
             manifest_bytes = (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
             published = [FAST_WEIGHTS_FILE, FAST_MODEL_FILE] + published
         files = [(TOKENIZER_FILE, tok_bytes), (MANIFEST_FILE, manifest_bytes)]

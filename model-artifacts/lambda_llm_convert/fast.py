@@ -6,7 +6,10 @@ The fast graph replaces the pair by `MatMulQ4_1(x, q4, dm)`, whose kernel ships 
 (`Split` + `QuickGelu` + `Mul`) into that projection's node (`activation="swiglu"`). With no `Gemm` left, which
 wanted 2-D inputs, the body runs on [batch, seq, hidden] throughout: the reshapes between 2-D and 3-D go. The Q8_0
 LM head (8-bit `MatMulNBits` at accuracy level 4 plus the exact rescoring of its top 8) becomes one exact
-`MatMulQ8_0` over the same weights and scales. `dm` holds each block's scale and minimum
+`MatMulQ8_0` over the same weights and scales. Each `GroupQueryAttention` (packed QKV, interleaved rotary, the
+shared KV buffer) becomes `ai.lambda_llm.Attention` on the same inputs, which computes every query row on its own, so a
+token gets the same bits in a prompt and in a one-token step (ONNX Runtime's sums a one-row product in another
+order). `dm` holds each block's scale and minimum
 side by side as f16 bit patterns (uint16 [N, K/32, 2]; the GGUF's own f16 values, so the round trip is checked to be
 exact); it is the only new data and goes to model.fast.onnx.data. Every other initializer, the packed nibbles
 included, stays model.onnx's own in model.onnx.data, which both graphs reference.
@@ -25,6 +28,7 @@ from .graph import BLOCK, MS
 DOMAIN = "ai.lambda_llm"
 OP = "MatMulQ4_1"
 OP_Q8 = "MatMulQ8_0"
+OP_ATTENTION = "Attention"
 
 
 def _attrs(node) -> dict:
@@ -80,6 +84,7 @@ def rewrite(model: onnx.ModelProto, base_dir: str, data_file: str) -> int:
     _fuse_swiglu(model.graph)
     _stay_3d(model.graph)
     _exact_head(model.graph)
+    _row_attention(model.graph)
     _prune(model.graph)
     return len(replace)
 
@@ -182,6 +187,35 @@ def _exact_head(g) -> int:
         g.node.extend(nodes)
         return 1
     return 0
+
+
+# GroupQueryAttention's attributes other than the head counts and rotary: (absent means, accepted values). ONNX
+# Runtime's optimizer writes their defaults out; qk_norm_epsilon only matters with norm inputs (there are none).
+_GQA_DEFAULTS = {"causal": (1, 1), "local_window_size": (-1, -1), "softcap": (0.0, 0.0), "scale": (0.0, 0.0),
+                 "smooth_softmax": (-1, -1, 0), "sliding_window_cache": (0, 0), "qk_output": (0, 0),
+                 "k_quant_type": (b"NONE", b"NONE"), "v_quant_type": (b"NONE", b"NONE")}
+
+
+def _row_attention(g) -> int:
+    """`GroupQueryAttention(qkv, "", "", past_key, past_value, seqlens_k, total_len, cos, sin)` with rotary
+    (interleaved) and nothing else set -> `Attention(qkv, past_key, past_value, seqlens_k, cos, sin)`, the same
+    outputs; returns how many were rewritten. The total length goes (the kernel reads each sequence's from
+    seqlens_k), and with it the nodes computing it."""
+    done = 0
+    for i, n in enumerate(g.node):
+        if n.domain != MS or n.op_type != "GroupQueryAttention" or len(n.input) != 9 or any(n.input[1:3]):
+            continue
+        a = _attrs(n)
+        if a.get("do_rotary") != 1 or a.get("rotary_interleaved") != 1:
+            continue
+        if any(a.get(name, value) not in allowed for name, (value, *allowed) in _GQA_DEFAULTS.items()):
+            continue
+        inputs = [n.input[0], n.input[3], n.input[4], n.input[5], n.input[7], n.input[8]]
+        g.node[i].CopyFrom(helper.make_node(OP_ATTENTION, inputs, list(n.output),
+                                            name=n.name.replace("GroupQueryAttention", OP_ATTENTION), domain=DOMAIN,
+                                            num_heads=a["num_heads"], kv_num_heads=a["kv_num_heads"]))
+        done += 1
+    return done
 
 
 def _fuse_swiglu(g) -> int:

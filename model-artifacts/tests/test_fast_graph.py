@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from lambda_llm_convert import ConversionError
-from lambda_llm_convert.fast import DOMAIN, OP, OP_Q8, _raw_bytes, write_fast_graph
+from lambda_llm_convert.fast import DOMAIN, OP, OP_ATTENTION, OP_Q8, _raw_bytes, write_fast_graph
 from lambda_llm_convert.gguf_source import load_gguf
 from lambda_llm_convert.quant import q4_1_parts
 
@@ -33,10 +33,23 @@ def test_every_q4_1_layer_runs_on_the_kernel_and_the_rest_is_unchanged(artifact)
     swiglu = [n for n in fast.graph.node if n.op_type == OP and
               {a.name: helper.get_attribute_value(a) for a in n.attribute}.get("activation") == b"swiglu"]
     assert len(swiglu) == 30
+    # Attention: lambda-llm's row-by-row operator on GroupQueryAttention's inputs (less the total length) and outputs.
+    assert ops[("com.microsoft", "GroupQueryAttention")] == 0 and ops[(DOMAIN, OP_ATTENTION)] == 30
+    attention = {n.name: n for n in fast.graph.node if n.op_type == OP_ATTENTION}
+    producers = {o: n for n in fast.graph.node for o in n.output}
+    gqa = [n for n in base.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 30
+    for n in gqa:
+        new = attention[n.name.replace("GroupQueryAttention", OP_ATTENTION)]
+        # The packed QKV straight from its projection (the 3-D reshape is gone), the rest as GroupQueryAttention's.
+        assert producers[new.input[0]].op_type == OP
+        assert list(new.input[1:]) == [*n.input[3:6], *n.input[7:9]] and new.output == n.output
+        attrs = {a.name: helper.get_attribute_value(a) for a in new.attribute}
+        assert attrs == {"num_heads": 9, "kv_num_heads": 3}
     # Nodes that are neither rewritten nor dropped keep their names, inputs and attributes.
-    kept = {n.name: n for n in fast.graph.node if n.op_type in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")}
+    kept = {n.name: n for n in fast.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"}
     for n in base.graph.node:
-        if n.name in kept and n.op_type == "GroupQueryAttention":
+        if n.name in kept:
             assert kept[n.name].attribute == n.attribute
     assert {o.domain: o.version for o in fast.opset_import}[DOMAIN] == 1
     assert [o.name for o in fast.graph.output] == [o.name for o in base.graph.output]

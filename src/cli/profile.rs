@@ -49,6 +49,10 @@ pub struct Profile {
 /// Events ONNX Runtime's profiler records at most; it drops the rest.
 const MAX_EVENTS: usize = 1_000_000;
 
+/// The attention operators (lambda-llm's in model.fast.onnx, ONNX Runtime's in model.onnx), whose first input is
+/// `[rows, tokens, …]`.
+const ATTENTION: [&str; 2] = ["Attention", "GroupQueryAttention"];
+
 /// A run of the trace: its wall time and its nodes (operator type, µs).
 struct Run {
     end: f64,
@@ -124,7 +128,7 @@ fn runs(events: &[Value]) -> Vec<Run> {
         if ts + dur > run.end {
             continue;
         }
-        if run.shape.is_none() && op == "GroupQueryAttention" {
+        if run.shape.is_none() && ATTENTION.contains(&op) {
             // The first input's shape: `{"<element type>": [rows, tokens, hidden]}`.
             let first = e.pointer("/args/input_type_shape/0").and_then(Value::as_object);
             let dims = first.and_then(|m| m.values().next()).and_then(Value::as_array);

@@ -161,8 +161,9 @@ impl PrefixCache {
     }
 
     /// The longest cached prefix of `prompt`, leaving at least its last two tokens to compute: `(state, length)`.
-    /// The model must produce logits for the last one, and ONNX Runtime's attention sums a one-row forward in another
-    /// order than a forward of several rows, so a prompt sent again gets the bits it got the first time.
+    /// The model must produce logits for the last one; and ONNX Runtime's `GroupQueryAttention` (`KERNELS=ort`) sums
+    /// a one-row forward in another order than a forward of several rows, so there too a prompt sent again gets the
+    /// bits it got the first time.
     pub fn lookup(&mut self, scope: u64, prompt: &[u32]) -> Option<(&[f32], usize)> {
         let limit = prompt.len().saturating_sub(2);
         let (best, len) = self

@@ -1,9 +1,10 @@
 //! The ONNX decoder as a [`Model`] (one sequence) and a [`BatchModel`] (continuous batching with a prefix cache).
 //!
 //! One ORT session; every sequence's KV state lives in buffers we own ([`KvBuffers`]), bound as both past input and
-//! present output so GroupQueryAttention appends in place: no per-token copy of the cache, no per-token allocation.
-//! A prompt is processed on its own row (batch 1); decode steps run every running row together, each with its own
-//! length in the attention mask (GroupQueryAttention derives positions from it).
+//! present output so the attention (lambda-llm's `Attention`, or `GroupQueryAttention` in model.onnx) appends in
+//! place: no per-token copy of the cache, no per-token allocation. A prompt is processed on its own row (batch 1);
+//! decode steps run every running row together, each with its own length in the attention mask (the attention
+//! derives positions from it).
 
 use super::bind::{backend, c_name, Side, ViewBinding};
 use super::custom_op;

@@ -1,0 +1,279 @@
+//! Causal self-attention over a KV cache, one query row at a time: rotary embedding (interleaved pairs), then
+//! `softmax(q·Kᵀ·scale)·V` per head over the row's positions. A row's operations depend only on its query and the
+//! cache, never on the rows computed beside it, so a prompt run whole, in chunks or one token at a time, alone or in a
+//! batch, gets the same bits.
+
+/// Lanes per vector step (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+/// Rotates the interleaved pairs `(x[2i], x[2i + 1])` of one head by the angles whose cosines and sines are `cos[i]`,
+/// `sin[i]` (one position's row of the rotary caches, `x.len() / 2` each).
+pub fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    debug_assert!(x.len() == 2 * cos.len() && cos.len() == sin.len());
+    for ((pair, &c), &s) in x.chunks_exact_mut(2).zip(cos).zip(sin) {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
+    }
+}
+
+/// One head of one query row: `out = Σ_j p_j·v_j` with `p = softmax(scale·q·k_j)` over positions `0..n` of `keys` and
+/// `values` (`[n][head_dim]` each, `head_dim` a multiple of 16). `scores` is working memory.
+pub fn attend(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the instructions.
+        return unsafe { attend_avx512(q, keys, values, n, scale, scores, out) };
+    }
+    attend_any(q, keys, values, n, scale, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn attend_avx512(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    prepare(q, keys, values, n, out, scores);
+    let whole = if d == 4 * LANES { n - n % LANES } else { 0 };
+    // 16 keys at a time: each key's 16 partial sums, then one butterfly of shuffles that adds every key's lanes in
+    // `sum`'s order (lane i + lane i + 8, then + 4, + 2, + 1), so a key's score has the same bits here and in `score`.
+    let qv: [__m512; 4] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add((c * LANES) % d)) });
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (chunk, dst) in scores[..whole].chunks_exact_mut(LANES).enumerate() {
+        let base = unsafe { keys.as_ptr().add(chunk * LANES * d) };
+        let mut p = [_mm512_setzero_ps(); LANES];
+        for (l, v) in p.iter_mut().enumerate() {
+            for (c, qc) in qv.iter().enumerate() {
+                *v = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(base.add(l * d + c * LANES)) }, *v);
+            }
+        }
+        let halves = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+        };
+        let quarters = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        };
+        let pairs =
+            |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+        let ones =
+            |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0x88>(a, b), _mm512_shuffle_ps::<0xDD>(a, b));
+        let h: [__m512; 8] = std::array::from_fn(|m| halves(p[2 * m], p[2 * m + 1]));
+        let r: [__m512; 4] = std::array::from_fn(|m| quarters(h[2 * m], h[2 * m + 1]));
+        // Lane 4c + e of `t` holds key c + 4e.
+        let t = ones(pairs(r[0], r[1]), pairs(r[2], r[3]));
+        let sums = _mm512_permutexvar_ps(order, t);
+        unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(sums, _mm512_set1_ps(scale))) };
+    }
+    for j in whole..n {
+        scores[j] = score(q, &keys[j * d..(j + 1) * d], scale);
+    }
+    softmax_times_values(values, n, scores, out)
+}
+
+/// The body, written as 16-lane steps that compile to one vector instruction each where the caller enables AVX-512.
+#[inline(always)]
+fn attend_any(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let d = q.len();
+    prepare(q, keys, values, n, out, scores);
+    for j in 0..n {
+        scores[j] = score(q, &keys[j * d..(j + 1) * d], scale);
+    }
+    softmax_times_values(values, n, scores, out)
+}
+
+/// Checks the lengths and sizes `scores` to whole vectors, padded with −∞.
+#[inline(always)]
+fn prepare(q: &[f32], keys: &[f32], values: &[f32], n: usize, out: &[f32], scores: &mut Vec<f32>) {
+    let d = q.len();
+    assert!(d.is_multiple_of(LANES) && out.len() == d && keys.len() >= n * d && values.len() >= n * d && n > 0);
+    scores.clear();
+    scores.resize(n.next_multiple_of(LANES), f32::NEG_INFINITY);
+}
+
+/// `scale·q·k`: 16 lanes of products summed along the head, then across lanes by `sum`.
+#[inline(always)]
+fn score(q: &[f32], k: &[f32], scale: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (qc, kc) in q.chunks_exact(LANES).zip(k.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] = qc[l].mul_add(kc[l], acc[l]);
+        }
+    }
+    sum(acc) * scale
+}
+
+/// `out = Σ_j softmax(scores)_j·v_j` over the first `n` of `scores` (whole vectors, padded with −∞).
+#[inline(always)]
+fn softmax_times_values(values: &[f32], n: usize, scores: &mut [f32], out: &mut [f32]) {
+    let d = out.len();
+    let mut top = [f32::NEG_INFINITY; LANES];
+    for c in scores.chunks_exact(LANES) {
+        for l in 0..LANES {
+            top[l] = top[l].max(c[l]);
+        }
+    }
+    let top = top.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    for c in scores.chunks_exact_mut(LANES) {
+        let mut x = [0f32; LANES];
+        for l in 0..LANES {
+            x[l] = c[l] - top;
+        }
+        let e = exp(x);
+        c.copy_from_slice(&e);
+    }
+    scores[n..].fill(0.0); // the padding's −∞ − top
+    let mut total = [0f32; LANES];
+    for c in scores.chunks_exact(LANES) {
+        for l in 0..LANES {
+            total[l] += c[l];
+        }
+    }
+    let inv = 1.0 / sum(total);
+    out.fill(0.0);
+    for (j, &e) in scores[..n].iter().enumerate() {
+        let p = e * inv;
+        let v = &values[j * d..(j + 1) * d];
+        for (oc, vc) in out.chunks_exact_mut(LANES).zip(v.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                oc[l] = p.mul_add(vc[l], oc[l]);
+            }
+        }
+    }
+}
+
+/// The 16 lanes summed in a fixed tree (halves, then quarters, …).
+#[inline(always)]
+fn sum(mut v: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
+/// `e^x` per lane for `x ≤ 0` (clamped at −87, where it is 1.6e-38), within 2 ulp: `x = k·ln 2 + r`,
+/// `|r| ≤ ln 2 / 2`, a degree-7 Taylor polynomial in `r`, then `2^k` through the exponent bits.
+#[inline(always)]
+fn exp(x: [f32; LANES]) -> [f32; LANES] {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // ln 2 in two parts (Cody and Waite): 0.693359375 has 9 significant bits
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    const C: [f32; 8] = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+    let mut out = [0f32; LANES];
+    for l in 0..LANES {
+        let y = x[l].max(-87.0);
+        let k = (y * LOG2E + ROUND) - ROUND;
+        let r = (-k).mul_add(LN2_LO, (-k).mul_add(LN2_HI, y));
+        let mut p = C[0];
+        for &c in &C[1..] {
+            p = p.mul_add(r, c);
+        }
+        out[l] = p * f32::from_bits(((k as i32 + 127) as u32) << 23);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: &mut u64) -> f32 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        (*seed % 20001) as f32 / 10000.0 - 1.0
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_library() {
+        let mut worst = 0f64;
+        for i in 0..=100_000 {
+            let x = -87.0 * i as f32 / 100_000.0;
+            let got = exp([x; LANES])[0] as f64;
+            let want = (x as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2.5 * f32::EPSILON as f64, "relative error {worst:e}");
+        assert_eq!(exp([0.0; LANES])[0], 1.0);
+    }
+
+    #[test]
+    fn rotation_turns_each_pair_by_its_angle() {
+        let mut x = [1.0, 0.0, 0.0, 2.0];
+        let (a, b) = (0.3f32, 1.2f32);
+        rotate(&mut x, &[a.cos(), b.cos()], &[a.sin(), b.sin()]);
+        assert!((x[0] - a.cos()).abs() < 1e-7 && (x[1] - a.sin()).abs() < 1e-7);
+        assert!((x[2] + 2.0 * b.sin()).abs() < 1e-6 && (x[3] - 2.0 * b.cos()).abs() < 1e-6);
+    }
+
+    /// The butterfly adds each key's lanes in `score`'s order: the AVX-512 body (16 keys at a time) and the portable
+    /// one (a key at a time) give the same bits, for every count of keys.
+    #[test]
+    fn sixteen_keys_at_a_time_give_the_bits_of_one_at_a_time() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+            let mut seed = 11u64;
+            let d = 64;
+            for n in [1, 15, 16, 17, 33, 64, 129] {
+                let q: Vec<f32> = (0..d).map(|_| rng(&mut seed) * 2.0).collect();
+                let k: Vec<f32> = (0..n * d).map(|_| rng(&mut seed) * 2.0).collect();
+                let v: Vec<f32> = (0..n * d).map(|_| rng(&mut seed)).collect();
+                let (mut fast, mut slow) = (vec![0f32; d], vec![0f32; d]);
+                unsafe { attend_avx512(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut fast) };
+                attend_any(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut slow);
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "{n} keys");
+            }
+            return;
+        }
+        println!("no AVX-512 here: one body only");
+    }
+
+    #[test]
+    fn attention_matches_an_f64_softmax_of_the_scores() {
+        let mut seed = 7u64;
+        let d = 64;
+        for n in [1, 2, 15, 16, 17, 40, 300] {
+            let q: Vec<f32> = (0..d).map(|_| rng(&mut seed) * 2.0).collect();
+            let k: Vec<f32> = (0..n * d).map(|_| rng(&mut seed) * 2.0).collect();
+            let v: Vec<f32> = (0..n * d).map(|_| rng(&mut seed)).collect();
+            let mut out = vec![f32::NAN; d];
+            attend(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut out);
+            let s: Vec<f64> = (0..n)
+                .map(|j| 0.125 * (0..d).map(|i| q[i] as f64 * k[j * d + i] as f64).sum::<f64>())
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let total: f64 = e.iter().sum();
+            for i in 0..d {
+                let want: f64 = (0..n).map(|j| e[j] / total * v[j * d + i] as f64).sum();
+                assert!(
+                    (out[i] as f64 - want).abs() < 1e-5,
+                    "n={n} dim {i}: {} vs {want}",
+                    out[i]
+                );
+            }
+        }
+    }
+}
