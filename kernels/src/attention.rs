@@ -205,6 +205,14 @@ mod tests {
         (*seed % 20001) as f32 / 10000.0 - 1.0
     }
 
+    /// A query, `n` keys and `n` values of `d` floats.
+    fn case(seed: &mut u64, n: usize, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let q = (0..d).map(|_| rng(seed) * 2.0).collect();
+        let k = (0..n * d).map(|_| rng(seed) * 2.0).collect();
+        let v = (0..n * d).map(|_| rng(seed)).collect();
+        (q, k, v)
+    }
+
     #[test]
     fn exp_is_within_two_ulp_of_the_library() {
         let mut worst = 0f64;
@@ -236,9 +244,7 @@ mod tests {
             let mut seed = 11u64;
             let d = 64;
             for n in [1, 15, 16, 17, 33, 64, 129] {
-                let q: Vec<f32> = (0..d).map(|_| rng(&mut seed) * 2.0).collect();
-                let k: Vec<f32> = (0..n * d).map(|_| rng(&mut seed) * 2.0).collect();
-                let v: Vec<f32> = (0..n * d).map(|_| rng(&mut seed)).collect();
+                let (q, k, v) = case(&mut seed, n, d);
                 let (mut fast, mut slow) = (vec![0f32; d], vec![0f32; d]);
                 unsafe { attend_avx512(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut fast) };
                 attend_any(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut slow);
@@ -255,9 +261,7 @@ mod tests {
         let mut seed = 7u64;
         let d = 64;
         for n in [1, 2, 15, 16, 17, 40, 300] {
-            let q: Vec<f32> = (0..d).map(|_| rng(&mut seed) * 2.0).collect();
-            let k: Vec<f32> = (0..n * d).map(|_| rng(&mut seed) * 2.0).collect();
-            let v: Vec<f32> = (0..n * d).map(|_| rng(&mut seed)).collect();
+            let (q, k, v) = case(&mut seed, n, d);
             let mut out = vec![f32::NAN; d];
             attend(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut out);
             let s: Vec<f64> = (0..n)

@@ -13,14 +13,9 @@
 //! embedding's, in model.onnx.data); attributes `K`, `N`; output f32 `[..., N]`, exact. It replaces the 8-bit
 //! `MatMulNBits` of the LM head and its top-k rescoring.
 //!
-//! `Attention`: `GroupQueryAttention`'s packed-QKV, rotary (interleaved), shared-buffer case with each query row
-//! computed alone (`lambda_llm_kernels::attention`), so a token's bits do not depend on how many rows its forward
-//! had. Inputs: `qkv` f32 `[B, S, (H + 2·KVH)·D]`, `past_key` and `past_value` f32 `[B, KVH, T, D]`, `seqlens_k` i32
-//! `[B]` (each sequence's length after this step, minus one), the rotary caches `cos` and `sin` f32 `[P, D/2]`;
-//! attributes `num_heads` (H) and `kv_num_heads` (KVH); outputs `output` f32 `[B, S, H·D]` and `present_key`,
-//! `present_value` shaped as the past ones (the same memory when the caller binds them so; else the past is copied).
+//! `Attention`: attention with every query row on its own (`super::attention_op`).
 
-use lambda_llm_kernels::attention;
+use super::attention_op::Attention;
 use lambda_llm_kernels::q4_1::{Isa, Prepared, Q4_1Matrix};
 use lambda_llm_kernels::q8_0::{Prepared8, Q8_0Matrix};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
@@ -31,7 +26,6 @@ use std::ffi::c_void;
 pub const DOMAIN: &str = "ai.lambda_llm";
 pub const OP: &str = "MatMulQ4_1";
 pub const OP_Q8: &str = "MatMulQ8_0";
-pub const OP_ATTENTION: &str = "Attention";
 /// The operator domain to register on a session that loads the fast graph with `threads` intra-op threads.
 pub fn domain(isa: Isa, threads: usize) -> ort::Result<OperatorDomain> {
     let threads = threads.max(1);
@@ -42,7 +36,7 @@ pub fn domain(isa: Isa, threads: usize) -> ort::Result<OperatorDomain> {
 }
 
 /// Attribute `name` of a node of `op`, as a size.
-fn dim(info: &KernelContext<'_>, op: &str, name: &str) -> ort::Result<usize> {
+pub(super) fn dim(info: &KernelContext<'_>, op: &str, name: &str) -> ort::Result<usize> {
     let v: i64 = info
         .get(name)
         .ok_or_else(|| ort::Error::new(format!("{op}: attribute {name} is missing")))?;
@@ -148,7 +142,7 @@ impl Kernel for Q8Kernel<'_> {
 }
 
 /// `task(0..tasks)`, inline for one task, else on the intra-op pool.
-fn run_tasks(ctx: &ComputeContext, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> ort::Result<()> {
+pub(super) fn run_tasks(ctx: &ComputeContext, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> ort::Result<()> {
     if tasks == 1 {
         task(0);
         return Ok(());
@@ -241,13 +235,13 @@ thread_local! {
 
 /// The output pointer shared by the pool's tasks, each writing its own columns.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: tasks write disjoint columns.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -333,215 +327,4 @@ fn parallel_for(ctx: &ComputeContext, total: usize, task: &(dyn Fn(usize) + Sync
     };
     // SAFETY: the status comes straight from the call above.
     unsafe { ort::Error::result_from_status(status) }
-}
-
-struct Attention {
-    threads: usize,
-}
-
-impl Operator for Attention {
-    type Kernel<'attr> = AttentionKernel;
-
-    fn name(&self) -> &str {
-        OP_ATTENTION
-    }
-
-    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        let f = || OperatorInput::required(TensorElementType::Float32);
-        [
-            f(),
-            f(),
-            f(),
-            OperatorInput::required(TensorElementType::Int32),
-            f(),
-            f(),
-        ]
-    }
-
-    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        (0..3).map(|_| OperatorOutput::required(TensorElementType::Float32))
-    }
-
-    fn create_kernel<'attr>(&self, info: &KernelContext<'attr>) -> ort::Result<AttentionKernel> {
-        let (heads, kv_heads) = (
-            dim(info, OP_ATTENTION, "num_heads")?,
-            dim(info, OP_ATTENTION, "kv_num_heads")?,
-        );
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(ort::Error::new(format!(
-                "{OP_ATTENTION}: num_heads={heads} must be a positive multiple of kv_num_heads={kv_heads}"
-            )));
-        }
-        Ok(AttentionKernel {
-            heads,
-            kv_heads,
-            tasks: self.threads,
-        })
-    }
-}
-
-pub struct AttentionKernel {
-    heads: usize,
-    kv_heads: usize,
-    tasks: usize,
-}
-
-thread_local! {
-    /// Rotated queries `[B·S][H·D]` (the calling thread's) and a task's scores.
-    static ROTATED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn input<'a>(ctx: &'a ComputeContext, i: usize, what: &str) -> ort::Result<ValueRef<'a>> {
-    ctx.input(i)?
-        .ok_or_else(|| ort::Error::new(format!("{OP_ATTENTION}: input {what} is missing")))
-}
-
-fn shape4(s: &[i64], what: &str) -> ort::Result<[usize; 4]> {
-    match s {
-        &[a, b, c, d] if a >= 0 && b >= 0 && c >= 0 && d >= 0 => Ok([a as usize, b as usize, c as usize, d as usize]),
-        _ => Err(ort::Error::new(format!(
-            "{OP_ATTENTION}: {what} of shape {s:?}, expected 4 dimensions"
-        ))),
-    }
-}
-
-impl Kernel for AttentionKernel {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        let (h, kvh) = (self.heads, self.kv_heads);
-        let qkv = input(ctx, 0, "qkv")?;
-        let (qkv_shape, qkv) = qkv.try_extract_tensor::<f32>()?;
-        // The past as pointers only: the present outputs may be the very same memory.
-        let past_key = input(ctx, 1, "past_key")?;
-        let (past_shape, past_k) = past_key.try_extract_tensor::<f32>()?;
-        let past_value = input(ctx, 2, "past_value")?;
-        let (past_v_shape, past_v) = past_value.try_extract_tensor::<f32>()?;
-        let (past_k, past_v) = (past_k.as_ptr(), past_v.as_ptr());
-        let seqlens = input(ctx, 3, "seqlens_k")?;
-        let (_, seqlens) = seqlens.try_extract_tensor::<i32>()?;
-        let cos = input(ctx, 4, "cos_cache")?;
-        let (cos_shape, cos) = cos.try_extract_tensor::<f32>()?;
-        let sin = input(ctx, 5, "sin_cache")?;
-        let (_, sin) = sin.try_extract_tensor::<f32>()?;
-
-        let [b, kv_heads, cap, d] = shape4(past_shape, "past_key")?;
-        let (s, width) = match &qkv_shape[..] {
-            &[qb, qs, w] if qb == b as i64 && qs >= 0 => (qs as usize, w),
-            _ => {
-                return Err(ort::Error::new(format!(
-                    "{OP_ATTENTION}: qkv of shape {qkv_shape:?} for {b} sequences"
-                )))
-            }
-        };
-        let half = d / 2;
-        if kv_heads != kvh
-            || d == 0
-            || d % 16 != 0
-            || width != ((h + 2 * kvh) * d) as i64
-            || past_v_shape != past_shape
-            || seqlens.len() != b
-            || cos_shape.last() != Some(&(half as i64))
-            || cos.len() != sin.len()
-        {
-            return Err(ort::Error::new(format!(
-                "{OP_ATTENTION}: shapes do not fit H={h}, KVH={kvh}: qkv {qkv_shape:?}, past {past_shape:?}, \
-                 value {past_v_shape:?}, seqlens_k {}, cos {cos_shape:?}",
-                seqlens.len()
-            )));
-        }
-        // Each sequence's first new position; its last must fit the buffers and the rotary caches.
-        let positions = cos.len() / half;
-        let mut past = Vec::with_capacity(b);
-        for &len in seqlens {
-            let total = usize::try_from(len)
-                .ok()
-                .map(|l| l + 1)
-                .filter(|&t| t >= s && t <= cap.min(positions));
-            let Some(total) = total else {
-                return Err(ort::Error::new(format!(
-                    "{OP_ATTENTION}: a sequence of {} positions with {s} new does not fit {cap} (rotary cache {positions})",
-                    i64::from(len) + 1
-                )));
-            };
-            past.push(total - s);
-        }
-
-        let shape = past_shape.to_vec();
-        let mut out = ctx
-            .output(0, vec![b as i64, s as i64, (h * d) as i64])?
-            .ok_or_else(|| ort::Error::new(format!("{OP_ATTENTION}: output is missing")))?;
-        let mut present_k = ctx
-            .output(1, shape.clone())?
-            .ok_or_else(|| ort::Error::new(format!("{OP_ATTENTION}: present_key is missing")))?;
-        let mut present_v = ctx
-            .output(2, shape)?
-            .ok_or_else(|| ort::Error::new(format!("{OP_ATTENTION}: present_value is missing")))?;
-        let (_, out) = out.try_extract_tensor_mut::<f32>()?;
-        let (_, pk) = present_k.try_extract_tensor_mut::<f32>()?;
-        let (_, pv) = present_v.try_extract_tensor_mut::<f32>()?;
-        let per_seq = kvh * cap * d;
-        // Bound to the same memory the past came from (the engine's KV buffers), nothing moves; else copy the past.
-        for (present, from) in [(&mut *pk, past_k), (&mut *pv, past_v)] {
-            if present.as_ptr() == from {
-                continue;
-            }
-            for (seq, &p) in past.iter().enumerate() {
-                for g in 0..kvh {
-                    let at = seq * per_seq + g * cap * d;
-                    // SAFETY: the past holds B·KVH·T·D floats (its shape is the present's) in other memory.
-                    let src = unsafe { std::slice::from_raw_parts(from.add(at), p * d) };
-                    present[at..at + p * d].copy_from_slice(src);
-                }
-            }
-        }
-        if s == 0 {
-            return Ok(());
-        }
-        ROTATED.with_borrow_mut(|rotated| {
-            rotated.clear();
-            rotated.resize(b * s * h * d, 0.0);
-            // The new rows: queries rotated aside, keys rotated and values copied into the cache at their positions.
-            for seq in 0..b {
-                for row in 0..s {
-                    let pos = past[seq] + row;
-                    let (c, sn) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-                    let src = &qkv[(seq * s + row) * (h + 2 * kvh) * d..][..(h + 2 * kvh) * d];
-                    let q = &mut rotated[(seq * s + row) * h * d..][..h * d];
-                    q.copy_from_slice(&src[..h * d]);
-                    for head in q.chunks_exact_mut(d) {
-                        attention::rotate(head, c, sn);
-                    }
-                    for g in 0..kvh {
-                        let at = seq * per_seq + (g * cap + pos) * d;
-                        pk[at..at + d].copy_from_slice(&src[(h + g) * d..][..d]);
-                        attention::rotate(&mut pk[at..at + d], c, sn);
-                        pv[at..at + d].copy_from_slice(&src[(h + kvh + g) * d..][..d]);
-                    }
-                }
-            }
-            // Every (sequence, row, head) on its own, dealt round-robin to the tasks (later rows have more keys).
-            let items = b * s * h;
-            if items == 0 {
-                return Ok(());
-            }
-            let tasks = self.tasks.min(items);
-            let scale = 1.0 / (d as f32).sqrt();
-            let (rotated, pk, pv, dst) = (&*rotated, &*pk, &*pv, Out(out.as_mut_ptr()));
-            let past = &past;
-            let task = move |t: usize| {
-                SCORES.with_borrow_mut(|scores| {
-                    for item in (t..items).step_by(tasks) {
-                        let (seq, row, head) = (item / (s * h), item / h % s, item % h);
-                        let n = past[seq] + row + 1;
-                        let at = seq * per_seq + head / (h / kvh) * cap * d;
-                        let q = &rotated[item * d..][..d];
-                        // SAFETY: `out` holds B·S·H·D floats and each item writes its own D of them.
-                        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(item * d), d) };
-                        attention::attend(q, &pk[at..at + n * d], &pv[at..at + n * d], n, scale, scores, o);
-                    }
-                })
-            };
-            run_tasks(ctx, tasks, &task)
-        })
-    }
 }

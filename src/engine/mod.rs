@@ -1,5 +1,6 @@
 //! The inference engine: a model artifact (manifest, ONNX graph, tokenizer, chat template) behind `core`'s traits.
 
+mod attention_op;
 pub mod bind;
 pub mod chat;
 pub mod custom_op;
