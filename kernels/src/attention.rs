@@ -137,15 +137,36 @@ fn softmax_times_values(values: &[f32], n: usize, scores: &mut [f32], out: &mut 
         }
     }
     let inv = 1.0 / sum(total);
-    out.fill(0.0);
-    for (j, &e) in scores[..n].iter().enumerate() {
+    // Up to 4 vectors of the output at a time, kept in registers over the keys.
+    let mut start = 0;
+    while start < d {
+        let chunks = ((d - start) / LANES).min(4);
+        let p = &scores[..n];
+        match chunks {
+            4 => weighted::<4>(p, inv, values, d, start, out),
+            3 => weighted::<3>(p, inv, values, d, start, out),
+            2 => weighted::<2>(p, inv, values, d, start, out),
+            _ => weighted::<1>(p, inv, values, d, start, out),
+        }
+        start += chunks * LANES;
+    }
+}
+
+/// `out[start..start + 16·C] = Σ_j (e_j·inv)·v_j[start..start + 16·C]`, one FMA chain per lane in key order.
+#[inline(always)]
+fn weighted<const C: usize>(e: &[f32], inv: f32, values: &[f32], d: usize, start: usize, out: &mut [f32]) {
+    let mut acc = [[0f32; LANES]; C];
+    for (j, &e) in e.iter().enumerate() {
         let p = e * inv;
-        let v = &values[j * d..(j + 1) * d];
-        for (oc, vc) in out.chunks_exact_mut(LANES).zip(v.chunks_exact(LANES)) {
+        let v = &values[j * d + start..][..C * LANES];
+        for c in 0..C {
             for l in 0..LANES {
-                oc[l] = p.mul_add(vc[l], oc[l]);
+                acc[c][l] = p.mul_add(v[c * LANES + l], acc[c][l]);
             }
         }
+    }
+    for (o, a) in out[start..start + C * LANES].chunks_exact_mut(LANES).zip(acc) {
+        o.copy_from_slice(&a);
     }
 }
 
