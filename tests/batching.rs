@@ -218,6 +218,26 @@ fn growing_chat(mut engine: Engine) {
     assert_eq!(g.token_ids, alone(&mut engine, &other).token_ids);
 }
 
+/// ONNX Runtime's kernels (`KERNELS=ort`) sum a one-row forward's attention in another order than a prompt's; the
+/// prefix cache leaves two prompt tokens to compute, so a prompt sent again still gets the bits of the first time.
+#[test]
+fn a_prompt_sent_again_on_onnx_runtime_kernels_gets_the_bits_of_the_first_time() {
+    let mut engine = load_with(64 << 20, Kernels::Ort);
+    let req = GenerationRequest {
+        logprobs: Some(0),
+        ..greedy(chat(&engine, &[("user", "Name a large city in Japan.")]), 16)
+    };
+    let first = run_batched(&mut engine, &req);
+    let again = run_batched(&mut engine, &req);
+    assert_eq!(
+        (first.usage.cached_tokens, again.usage.cached_tokens),
+        (0, req.prompt.len() - 2)
+    );
+    let bits = |g: &Generation| g.logprobs.iter().map(|t| t.logprob.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first).len(), 16);
+    assert_eq!(bits(&again), bits(&first));
+}
+
 #[test]
 fn a_prefix_cache_too_small_for_a_sequence_keeps_nothing() {
     let mut engine = load(1 << 20); // about 22 tokens of state

@@ -133,8 +133,9 @@ async fn an_event_without_the_key_is_refused() {
 #[tokio::test]
 async fn generation_stops_before_the_invocation_deadline() {
     let mut v = event("http-api-completions.json");
-    let body =
-        serde_json::json!({"model": "smollm2-135m-instruct", "prompt": "Count to a thousand:", "max_tokens": 4000});
+    // Greedy, with end-of-sequence suppressed, so only the deadline can end it before 4000 tokens.
+    let body = serde_json::json!({"model": "smollm2-135m-instruct", "prompt": "Count to a thousand:",
+        "max_tokens": 4000, "temperature": 0, "logit_bias": {"0": -100, "2": -100}});
     v["body"] = Value::String(body.to_string());
     let mut req = lambda_http::request::from_str(&v.to_string()).unwrap();
     // The invocation has the margin plus a fraction of a second left: far too little for 4000 tokens.

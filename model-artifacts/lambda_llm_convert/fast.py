@@ -194,6 +194,7 @@ def _exact_head(g) -> int:
 _GQA_DEFAULTS = {"causal": (1, 1), "local_window_size": (-1, -1), "softcap": (0.0, 0.0), "scale": (0.0, 0.0),
                  "smooth_softmax": (-1, -1, 0), "sliding_window_cache": (0, 0), "qk_output": (0, 0),
                  "k_quant_type": (b"NONE", b"NONE"), "v_quant_type": (b"NONE", b"NONE")}
+_GQA_KNOWN = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved", "qk_norm_epsilon", *_GQA_DEFAULTS}
 
 
 def _row_attention(g) -> int:
@@ -209,6 +210,8 @@ def _row_attention(g) -> int:
         if a.get("do_rotary") != 1 or a.get("rotary_interleaved") != 1:
             continue
         if any(a.get(name, value) not in allowed for name, (value, *allowed) in _GQA_DEFAULTS.items()):
+            continue
+        if set(a) - _GQA_KNOWN:  # an attribute this rewrite does not know may change the result: keep the node
             continue
         inputs = [n.input[0], n.input[3], n.input[4], n.input[5], n.input[7], n.input[8]]
         g.node[i].CopyFrom(helper.make_node(OP_ATTENTION, inputs, list(n.output),

@@ -5,10 +5,11 @@
 //! Inputs: `qkv` f32 `[B, S, (H + 2·KVH)·D]`, `past_key` and `past_value` f32 `[B, KVH, T, D]`, `seqlens_k` i32 `[B]`
 //! (each sequence's length after this step, minus one), the rotary caches `cos` and `sin` f32 `[P, D/2]`; attributes
 //! `num_heads` (H) and `kv_num_heads` (KVH); outputs `output` f32 `[B, S, H·D]` and `present_key`, `present_value`
-//! shaped as the past ones (the same memory when the caller binds them so, as the engine does; else the past is
-//! copied).
+//! shaped as the past ones: buffers of T positions per sequence that the new rows are written into. The engine binds
+//! each present to its own past's memory, so nothing moves; a present in other memory gets the past positions
+//! copied first. Right-padded batches of prompts (GroupQueryAttention allows them) are refused.
 
-use super::custom_op::{dim, run_tasks, Out};
+use super::custom_op::{dim, run_tasks, Out, SCRATCH_KEEP_BYTES};
 use lambda_llm_kernels::attention;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::{TensorElementType, ValueRef};
@@ -65,7 +66,7 @@ pub struct AttentionKernel {
 }
 
 thread_local! {
-    /// The calling thread's rotated queries `[B·S][H·D]`, and a task's scores.
+    /// The calling thread's rotated queries `[B·S][H·D]` (released after a long prompt), and a task's scores.
     static ROTATED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -186,7 +187,11 @@ impl Kernel for AttentionKernel {
         }
         ROTATED.with_borrow_mut(|rotated| {
             append(qkv, (cos, sin), &past, dims, rotated, pk, pv);
-            attend_all(ctx, self.tasks, rotated, pk, pv, &past, dims, out)
+            let result = attend_all(ctx, self.tasks, rotated, pk, pv, &past, dims, out);
+            if rotated.capacity() * 4 > SCRATCH_KEEP_BYTES {
+                *rotated = Vec::new();
+            }
+            result
         })
     }
 }

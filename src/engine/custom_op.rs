@@ -227,16 +227,16 @@ struct Scratch {
 }
 
 /// Scratch kept between calls; a long prompt's larger buffers are released after it.
-const SCRATCH_KEEP_BYTES: usize = 4 << 20;
+pub(super) const SCRATCH_KEEP_BYTES: usize = 4 << 20;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// The output pointer shared by the pool's tasks, each writing its own columns.
+/// The output pointer shared by the pool's tasks, each writing its own part (columns, or attention items).
 #[derive(Clone, Copy)]
 pub(super) struct Out(pub(super) *mut f32);
-// SAFETY: tasks write disjoint columns.
+// SAFETY: tasks write disjoint parts.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
