@@ -43,34 +43,37 @@ unsafe fn attend_avx512(
     let d = q.len();
     prepare(q, keys, values, n, out, scores);
     let whole = if d == 4 * LANES { n - n % LANES } else { 0 };
-    // 16 keys at a time: each key's 16 partial sums, then one butterfly of shuffles that adds every key's lanes in
-    // `sum`'s order (lane i + lane i + 8, then + 4, + 2, + 1), so a key's score has the same bits here and in `score`.
-    let qv: [__m512; 4] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add((c * LANES) % d)) });
-    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    for (chunk, dst) in scores[..whole].chunks_exact_mut(LANES).enumerate() {
-        let base = unsafe { keys.as_ptr().add(chunk * LANES * d) };
-        let mut p = [_mm512_setzero_ps(); LANES];
-        for (l, v) in p.iter_mut().enumerate() {
-            for (c, qc) in qv.iter().enumerate() {
-                *v = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(base.add(l * d + c * LANES)) }, *v);
+    // 16 keys at a time (heads of 64): each key's 16 partial sums, then one butterfly of shuffles that adds every
+    // key's lanes in `sum`'s order (lane i + lane i + 8, then + 4, + 2, + 1), so a key's score has the same bits here
+    // and in `score`. Other head sizes take `score` for every key.
+    if whole > 0 {
+        let qv: [__m512; 4] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(c * LANES)) });
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        for (chunk, dst) in scores[..whole].chunks_exact_mut(LANES).enumerate() {
+            let base = unsafe { keys.as_ptr().add(chunk * LANES * d) };
+            let mut p = [_mm512_setzero_ps(); LANES];
+            for (l, v) in p.iter_mut().enumerate() {
+                for (c, qc) in qv.iter().enumerate() {
+                    *v = _mm512_fmadd_ps(*qc, unsafe { _mm512_loadu_ps(base.add(l * d + c * LANES)) }, *v);
+                }
             }
+            let halves = |a: __m512, b: __m512| {
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+            };
+            let quarters = |a: __m512, b: __m512| {
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+            };
+            let pairs =
+                |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+            let ones =
+                |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0x88>(a, b), _mm512_shuffle_ps::<0xDD>(a, b));
+            let h: [__m512; 8] = std::array::from_fn(|m| halves(p[2 * m], p[2 * m + 1]));
+            let r: [__m512; 4] = std::array::from_fn(|m| quarters(h[2 * m], h[2 * m + 1]));
+            // Lane 4c + e of `t` holds key c + 4e.
+            let t = ones(pairs(r[0], r[1]), pairs(r[2], r[3]));
+            let sums = _mm512_permutexvar_ps(order, t);
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(sums, _mm512_set1_ps(scale))) };
         }
-        let halves = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
-        };
-        let quarters = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
-        };
-        let pairs =
-            |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
-        let ones =
-            |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0x88>(a, b), _mm512_shuffle_ps::<0xDD>(a, b));
-        let h: [__m512; 8] = std::array::from_fn(|m| halves(p[2 * m], p[2 * m + 1]));
-        let r: [__m512; 4] = std::array::from_fn(|m| quarters(h[2 * m], h[2 * m + 1]));
-        // Lane 4c + e of `t` holds key c + 4e.
-        let t = ones(pairs(r[0], r[1]), pairs(r[2], r[3]));
-        let sums = _mm512_permutexvar_ps(order, t);
-        unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(sums, _mm512_set1_ps(scale))) };
     }
     for j in whole..n {
         scores[j] = score(q, &keys[j * d..(j + 1) * d], scale);
@@ -78,7 +81,7 @@ unsafe fn attend_avx512(
     softmax_times_values(values, n, scores, out)
 }
 
-/// The body, written as 16-lane steps that compile to one vector instruction each where the caller enables AVX-512.
+/// The portable body: `score` for every key, then the shared softmax and weighted sum.
 #[inline(always)]
 fn attend_any(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let d = q.len();

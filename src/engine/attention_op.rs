@@ -65,9 +65,18 @@ pub struct AttentionKernel {
     tasks: usize,
 }
 
+/// The calling thread's working memory, reused from call to call (no allocation per decode step).
+#[derive(Default)]
+struct Scratch {
+    /// Rotated queries `[B·S][H·D]` (released after a long prompt).
+    rotated: Vec<f32>,
+    /// Each sequence's first new position.
+    past: Vec<usize>,
+}
+
 thread_local! {
-    /// The calling thread's rotated queries `[B·S][H·D]` (released after a long prompt), and a task's scores.
-    static ROTATED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// A task's scores.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -147,47 +156,43 @@ impl Kernel for AttentionKernel {
             )));
         }
         let dims = Dims { b, s, h, kvh, d, cap };
-        // Each sequence's first new position; its last must fit the buffers and the rotary caches.
-        let positions = cos.len() / half;
-        let past = seqlens
-            .iter()
-            .map(|&len| {
+        SCRATCH.with_borrow_mut(|Scratch { rotated, past }| {
+            // Each sequence's first new position; its last must fit the buffers and the rotary caches.
+            let positions = cos.len() / half;
+            past.clear();
+            for &len in seqlens {
                 let total = usize::try_from(len).ok().map(|l| l + 1);
-                total
-                    .filter(|&t| t >= s && t <= cap.min(positions))
-                    .map(|t| t - s)
-                    .ok_or_else(|| {
-                        error(format!(
-                            "a sequence of {} positions with {s} new does not fit {cap} (rotary cache {positions})",
-                            i64::from(len) + 1
-                        ))
-                    })
-            })
-            .collect::<ort::Result<Vec<usize>>>()?;
+                let first = total.filter(|&t| t >= s && t <= cap.min(positions)).map(|t| t - s);
+                past.push(first.ok_or_else(|| {
+                    error(format!(
+                        "a sequence of {} positions with {s} new does not fit {cap} (rotary cache {positions})",
+                        i64::from(len) + 1
+                    ))
+                })?);
+            }
 
-        let shape = past_shape.to_vec();
-        let mut out = ctx
-            .output(0, vec![b as i64, s as i64, (h * d) as i64])?
-            .ok_or_else(|| error("output is missing".into()))?;
-        let mut present_k = ctx
-            .output(1, shape.clone())?
-            .ok_or_else(|| error("present_key is missing".into()))?;
-        let mut present_v = ctx
-            .output(2, shape)?
-            .ok_or_else(|| error("present_value is missing".into()))?;
-        let (_, out) = out.try_extract_tensor_mut::<f32>()?;
-        let (_, pk) = present_k.try_extract_tensor_mut::<f32>()?;
-        let (_, pv) = present_v.try_extract_tensor_mut::<f32>()?;
-        for (present, from) in [(&mut *pk, past_k), (&mut *pv, past_v)] {
-            // SAFETY: the past holds as many floats as the present (the same shape).
-            unsafe { keep_past(present, from, &past, dims) };
-        }
-        if b * s == 0 {
-            return Ok(());
-        }
-        ROTATED.with_borrow_mut(|rotated| {
-            append(qkv, (cos, sin), &past, dims, rotated, pk, pv);
-            let result = attend_all(ctx, self.tasks, rotated, pk, pv, &past, dims, out);
+            let shape = past_shape.to_vec();
+            let mut out = ctx
+                .output(0, vec![b as i64, s as i64, (h * d) as i64])?
+                .ok_or_else(|| error("output is missing".into()))?;
+            let mut present_k = ctx
+                .output(1, shape.clone())?
+                .ok_or_else(|| error("present_key is missing".into()))?;
+            let mut present_v = ctx
+                .output(2, shape)?
+                .ok_or_else(|| error("present_value is missing".into()))?;
+            let (_, out) = out.try_extract_tensor_mut::<f32>()?;
+            let (_, pk) = present_k.try_extract_tensor_mut::<f32>()?;
+            let (_, pv) = present_v.try_extract_tensor_mut::<f32>()?;
+            for (present, from) in [(&mut *pk, past_k), (&mut *pv, past_v)] {
+                // SAFETY: the past holds as many floats as the present (the same shape).
+                unsafe { keep_past(present, from, past, dims) };
+            }
+            if b * s == 0 {
+                return Ok(());
+            }
+            append(qkv, (cos, sin), past, dims, rotated, pk, pv);
+            let result = attend_all(ctx, self.tasks, rotated, pk, pv, past, dims, out);
             if rotated.capacity() * 4 > SCRATCH_KEEP_BYTES {
                 *rotated = Vec::new();
             }
