@@ -119,16 +119,17 @@ impl<'w> Q4_1Matrix<'w> {
         debug_assert_eq!(x.len(), rows * k);
         p.rows = rows;
         p.sums.clear();
-        p.xs.clear();
         match isa {
             Isa::Portable => {
                 p.sums.extend(x.chunks_exact(BLOCK).map(|b| b.iter().sum::<f32>()));
+                p.xs.clear();
                 p.xs.extend_from_slice(x);
             }
             Isa::Avx512 => {
                 // Row r, group g, shift t (nibble t of each 32-bit lane), lane l: the lane holds bytes 4(l%4)..+4 of
                 // block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block.
                 let (ng, nh) = (self.groups(), self.min_vectors());
+                // `arrange` writes every float (the padding's zeros too), so what is kept is not cleared first.
                 p.xs.resize(rows * ng * 128, 0.0);
                 p.sums.resize(rows * nh * 16, 0.0);
                 for (r, xr) in x.chunks_exact(k).enumerate() {
@@ -146,6 +147,7 @@ impl<'w> Q4_1Matrix<'w> {
                     "Isa::Avx512Bf16 on a CPU without AVX-512 BF16"
                 );
                 let (ng, nh) = (self.groups(), self.min_vectors());
+                // As above: `bf16::arrange` writes every value.
                 p.xh.resize(rows * ng * 128, 0);
                 p.sums.resize(rows * nh * 32, 0.0);
                 for (r, xr) in x.chunks_exact(k).enumerate() {

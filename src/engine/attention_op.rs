@@ -9,7 +9,7 @@
 //! each present to its own past's memory, so nothing moves; a present in other memory gets the past positions
 //! copied first. Right-padded batches of prompts (GroupQueryAttention allows them) are refused.
 
-use super::custom_op::{dim, run_tasks, Out, SCRATCH_KEEP_BYTES};
+use super::custom_op::{dim, run_chunks, run_tasks, Out, SCRATCH_KEEP_BYTES};
 use lambda_llm_kernels::attention;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::{TensorElementType, ValueRef};
@@ -254,7 +254,8 @@ fn append(
     }
 }
 
-/// Every (sequence, row, head) on its own, dealt round-robin to at most `tasks` tasks (later rows have more keys).
+/// Every (sequence, row, head) on its own, on up to `tasks` tasks: for prompts, taken in turn as each task comes free
+/// (later rows have more keys); for decode steps, in contiguous runs of heads.
 #[allow(clippy::too_many_arguments)]
 fn attend_all(
     ctx: &ComputeContext,
@@ -267,22 +268,28 @@ fn attend_all(
     out: &mut [f32],
 ) -> ort::Result<()> {
     let Dims { b, s, h, kvh, d, .. } = dims;
-    let items = b * s * h;
-    let tasks = tasks.min(items);
     let scale = 1.0 / (d as f32).sqrt();
     let dst = Out(out.as_mut_ptr());
-    let task = move |t: usize| {
+    let item = move |item: usize| {
         SCORES.with_borrow_mut(|scores| {
-            for item in (t..items).step_by(tasks) {
-                let (seq, row, head) = (item / (s * h), item / h % s, item % h);
-                let n = past[seq] + row + 1;
-                let at = dims.at(seq, head / (h / kvh), 0);
-                let q = &rotated[item * d..][..d];
-                // SAFETY: `out` holds B·S·H·D floats and each item writes its own D of them.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(item * d), d) };
-                attention::attend(q, &pk[at..at + n * d], &pv[at..at + n * d], n, scale, scores, o);
-            }
+            let (seq, row, head) = (item / (s * h), item / h % s, item % h);
+            let n = past[seq] + row + 1;
+            let at = dims.at(seq, head / (h / kvh), 0);
+            let q = &rotated[item * d..][..d];
+            // SAFETY: `out` holds B·S·H·D floats and each item writes its own D of them.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(item * d), d) };
+            attention::attend(q, &pk[at..at + n * d], &pv[at..at + n * d], n, scale, scores, o);
         })
     };
-    run_tasks(ctx, tasks, &task)
+    let items = b * s * h;
+    if s == 1 {
+        // Decode steps: each task a contiguous run of heads, so the query heads that read one key/value head mostly
+        // share a thread and its cache (ONNX Runtime's profiler: 11 % and 20 % less time in attention than dealing them
+        // round-robin, in two runs).
+        let tasks = tasks.min(items);
+        return run_tasks(ctx, tasks, &|t| {
+            (t * items / tasks..(t + 1) * items / tasks).for_each(item)
+        });
+    }
+    run_chunks(ctx, tasks, items, &item)
 }

@@ -22,6 +22,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDom
 use ort::value::{TensorElementType, TensorValueType, ValueRef};
 use ort::AsPointer;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub const DOMAIN: &str = "ai.lambda_llm";
 pub const OP: &str = "MatMulQ4_1";
@@ -148,6 +149,32 @@ pub(super) fn run_tasks(ctx: &ComputeContext, tasks: usize, task: &(dyn Fn(usize
         return Ok(());
     }
     parallel_for(ctx, tasks, task)
+}
+
+/// `work(0..chunks)` on up to `threads` tasks of the intra-op pool (inline for one), each task taking the next chunk
+/// as it comes free, so a task that starts late (a woken worker) takes fewer. A chunk's result must not depend on
+/// which task runs it. Not for the matrix products: there each thread streams its columns' weights best in one piece
+/// (chunks of 64 columns made decode 18 % slower, 123 against 150 tokens/s, each chunk restarting a stream).
+pub(super) fn run_chunks(
+    ctx: &ComputeContext,
+    threads: usize,
+    chunks: usize,
+    work: &(dyn Fn(usize) + Sync),
+) -> ort::Result<()> {
+    let tasks = threads.min(chunks);
+    if tasks <= 1 {
+        (0..chunks).for_each(work);
+        return Ok(());
+    }
+    let next = AtomicUsize::new(0);
+    let task = |_: usize| loop {
+        let chunk = next.fetch_add(1, Ordering::Relaxed);
+        if chunk >= chunks {
+            break;
+        }
+        work(chunk);
+    };
+    parallel_for(ctx, tasks, &task)
 }
 
 struct MatMulQ4_1 {
