@@ -78,7 +78,80 @@ unsafe fn attend_avx512(
     for j in whole..n {
         scores[j] = score(q, &keys[j * d..(j + 1) * d], scale);
     }
-    softmax_times_values(values, n, scores, out)
+    unsafe { softmax_times_values_avx512(values, n, scores, out) }
+}
+
+/// `softmax_times_values` in AVX-512 registers, lane for lane the same operations (so the same bits): the maximum,
+/// `exp` of each score less it, their sum, the probabilities `e·(1/sum)` stored over the scores, then each output
+/// vector's chain over the keys with the probability broadcast from memory.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn softmax_times_values_avx512(values: &[f32], n: usize, scores: &mut [f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = out.len();
+    let chunks = scores.len() / LANES;
+    let base = scores.as_mut_ptr();
+    let at = |c: usize| unsafe { base.add(c * LANES) };
+    // `max(score, top)` keeps `top` for a NaN score, as `f32::max` does (a zero's sign cannot change `exp`).
+    let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
+    for c in 0..chunks {
+        top = _mm512_max_ps(unsafe { _mm512_loadu_ps(at(c)) }, top);
+    }
+    let top = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    let mut total = _mm512_setzero_ps();
+    for c in 0..chunks {
+        let e = exp_avx512(_mm512_sub_ps(unsafe { _mm512_loadu_ps(at(c)) }, top));
+        // The padding past `n` (−∞ − top) weighs nothing.
+        let live = n.saturating_sub(c * LANES).min(LANES);
+        let e = _mm512_maskz_mov_ps(((1u32 << live) - 1) as u16, e);
+        unsafe { _mm512_storeu_ps(at(c), e) };
+        total = _mm512_add_ps(total, e);
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(total));
+    for c in 0..chunks {
+        unsafe { _mm512_storeu_ps(at(c), _mm512_mul_ps(_mm512_loadu_ps(at(c)), inv)) };
+    }
+    let p = base.cast_const();
+    let mut start = 0;
+    while start < d {
+        let width = ((d - start) / LANES).min(4);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for j in 0..n {
+            let pj = _mm512_set1_ps(unsafe { *p.add(j) });
+            let v = unsafe { values.as_ptr().add(j * d + start) };
+            for (c, a) in acc.iter_mut().enumerate().take(width) {
+                *a = _mm512_fmadd_ps(pj, unsafe { _mm512_loadu_ps(v.add(c * LANES)) }, *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate().take(width) {
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(start + c * LANES), *a) };
+        }
+        start += width * LANES;
+    }
+}
+
+/// `exp` in a register: the same operations per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // `max(x, −87)` returns −87 for a NaN, as `f32::max` does.
+    let y = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let round = _mm512_set1_ps(EXP_ROUND);
+    let k = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(y, _mm512_set1_ps(EXP_LOG2E)), round), round);
+    let minus_k = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(k), _mm512_set1_epi32(i32::MIN)));
+    let r = _mm512_fmadd_ps(
+        minus_k,
+        _mm512_set1_ps(EXP_LN2_LO),
+        _mm512_fmadd_ps(minus_k, _mm512_set1_ps(EXP_LN2_HI), y),
+    );
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let two_k = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(two_k))
 }
 
 /// The portable body: `score` for every key, then the shared softmax and weighted sum.
@@ -191,33 +264,36 @@ fn sum(mut v: [f32; LANES]) -> f32 {
 /// as −87 (its weight vanishes) rather than spreading.
 #[inline(always)]
 fn exp(x: [f32; LANES]) -> [f32; LANES] {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // ln 2 in two parts (Cody and Waite): 0.693359375 has 9 significant bits
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    const C: [f32; 8] = [
-        1.0 / 5040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ];
     let mut out = [0f32; LANES];
     for l in 0..LANES {
         let y = x[l].max(-87.0);
-        let k = (y * LOG2E + ROUND) - ROUND;
-        let r = (-k).mul_add(LN2_LO, (-k).mul_add(LN2_HI, y));
-        let mut p = C[0];
-        for &c in &C[1..] {
+        let k = (y * EXP_LOG2E + EXP_ROUND) - EXP_ROUND;
+        let r = (-k).mul_add(EXP_LN2_LO, (-k).mul_add(EXP_LN2_HI, y));
+        let mut p = EXP_POLY[0];
+        for &c in &EXP_POLY[1..] {
             p = p.mul_add(r, c);
         }
         out[l] = p * f32::from_bits(((k as i32 + 127) as u32) << 23);
     }
     out
 }
+
+const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 in two parts (Cody and Waite): 0.693359375 has 9 significant bits.
+const EXP_LN2_HI: f32 = 0.693_359_4;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5·2^23: adding it rounds to an integer.
+const EXP_ROUND: f32 = 12_582_912.0;
+const EXP_POLY: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
 
 #[cfg(test)]
 mod tests {
