@@ -9,7 +9,8 @@ LM head (8-bit `MatMulNBits` at accuracy level 4 plus the exact rescoring of its
 `MatMulQ8_0` over the same weights and scales. Each `GroupQueryAttention` (packed QKV, interleaved rotary, the
 shared KV buffer) becomes `ai.lambda_llm.Attention` on the same inputs, which computes every query row on its own, so a
 token gets the same bits in a prompt and in a one-token step (ONNX Runtime's sums a one-row product in another
-order). `dm` holds each block's scale and minimum
+order). Each `SkipSimplifiedLayerNormalization` before a projection folds into that `MatMulQ4_1` (`skip`, `gamma`,
+`epsilon`; the residual sum as its second output): one node less each for ONNX Runtime's executor. `dm` holds each block's scale and minimum
 side by side as f16 bit patterns (uint16 [N, K/32, 2]; the GGUF's own f16 values, so the round trip is checked to be
 exact); it is the only new data and goes to model.fast.onnx.data. Every other initializer, the packed nibbles
 included, stays model.onnx's own in model.onnx.data, which both graphs reference.
@@ -85,6 +86,8 @@ def rewrite(model: onnx.ModelProto, base_dir: str, data_file: str) -> int:
     _stay_3d(model.graph)
     _exact_head(model.graph)
     _row_attention(model.graph)
+    _prune(model.graph)  # the block sums read the norms' outputs too until they go
+    _fuse_norms(model.graph)
     _prune(model.graph)
     return len(replace)
 
@@ -253,6 +256,45 @@ def _fuse_swiglu(g) -> int:
         fused[id(n)] = helper.make_node(OP, list(n.input), [mul.output[0]], name=n.name, domain=DOMAIN,
                                         K=a["K"], N=a["N"], activation="swiglu")
         gone |= {id(split), id(act), id(mul)}
+    nodes = [fused.get(id(n), n) for n in g.node if id(n) not in gone]
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(fused)
+
+
+# The norms whose arithmetic the kernel repeats bit for bit (ONNX Runtime 1.31's `SkipSimplifiedLayerNormalization`
+# sums the squares one by one in f32; its `SimplifiedLayerNormalization` does not, so the first layer's stays a node).
+_NORMS = {(MS, "SkipSimplifiedLayerNormalization"): 3}
+
+
+def _fuse_norms(g) -> int:
+    """`SkipSimplifiedLayerNormalization(x, skip, gamma)` whose normalized output only a `MatMulQ4_1` reads -> that node
+    on `(x, q4, dm, skip, gamma)` with the norm's epsilon, its second output the norm's sum `x + skip` where the graph
+    reads it (the kernel computes the norm as ONNX Runtime does, bit for bit); returns how many were fused. One node
+    less per norm for ONNX Runtime's executor to run."""
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producers = {o: n for n in g.node for o in n.output if o}
+    outputs = {o.name for o in g.output}
+    fused: dict[int, onnx.NodeProto] = {}
+    gone: set[int] = set()
+    for n in g.node:
+        if n.domain != DOMAIN or n.op_type != OP or len(n.input) != 3 or len(n.output) != 1:
+            continue
+        norm = producers.get(n.input[0])
+        arity = _NORMS.get((norm.domain, norm.op_type)) if norm is not None else None
+        if arity is None or len(norm.input) != arity or len(consumers[n.input[0]]) != 1 or n.input[0] in outputs:
+            continue
+        a = _attrs(norm)
+        if set(a) != {"epsilon"} or any(norm.output[1:3]):  # mean and inverse deviation: never read in practice
+            continue
+        total = norm.output[3] if len(norm.output) > 3 else ""
+        inputs = [norm.input[0], n.input[1], n.input[2], norm.input[1], norm.input[2]]
+        fused[id(n)] = helper.make_node(OP, inputs, [n.output[0]] + ([total] if total else []), name=n.name,
+                                        domain=DOMAIN, **_attrs(n), epsilon=float(a["epsilon"]))
+        gone.add(id(norm))
     nodes = [fused.get(id(n), n) for n in g.node if id(n) not in gone]
     del g.node[:]
     g.node.extend(nodes)

@@ -46,11 +46,27 @@ def test_every_q4_1_layer_runs_on_the_kernel_and_the_rest_is_unchanged(artifact)
         assert list(new.input[1:]) == [*n.input[3:6], *n.input[7:9]] and new.output == n.output
         attrs = {a.name: helper.get_attribute_value(a) for a in new.attribute}
         assert attrs == {"num_heads": 9, "kv_num_heads": 3}
+    # Each residual norm before a projection is that projection's: MatMulQ4_1(x, q4, dm, skip, gamma) with the norm's
+    # epsilon, its second output the norm's sum. The first layer's plain norm and the final one (before the LM head's
+    # slice) stay nodes.
+    base_norms = [n for n in base.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(base_norms) == 60
+    normed = [n for n in fast.graph.node if n.op_type == OP and len(n.input) == 5]
+    assert len(normed) == 59
+    for n in normed:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        norm = next(b for b in base_norms if list(b.input) == [n.input[0], n.input[3], n.input[4]])
+        assert attrs["epsilon"] == 9.999999747378752e-06  # SmolLM2's, as a float32
+        assert list(n.output[1:]) == [norm.output[3]]
+        assert norm.output[0] not in {i for m in fast.graph.node for i in m.input}
+    assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 1
+    assert ops[("", "SimplifiedLayerNormalization")] == 1
     # Nodes that are neither rewritten nor dropped keep their names, inputs and attributes.
     kept = {n.name: n for n in fast.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"}
+    assert list(kept) == ["output_norm"]
     for n in base.graph.node:
         if n.name in kept:
-            assert kept[n.name].attribute == n.attribute
+            assert kept[n.name].attribute == n.attribute and kept[n.name].input == n.input
     assert {o.domain: o.version for o in fast.opset_import}[DOMAIN] == 1
     assert [o.name for o in fast.graph.output] == [o.name for o in base.graph.output]
     assert [i.name for i in fast.graph.input] == [i.name for i in base.graph.input]

@@ -5,9 +5,12 @@
 //! Inputs: `x` f32 `[..., K]`, the packed nibbles u8 `[N, K/32, 16]` (model.onnx's, in model.onnx.data) and each
 //! block's scale and minimum as f16 bit patterns u16 `[N, K/32, 2]` (in model.fast.onnx.data), both initializers;
 //! attributes `K`, `N` and optionally `activation = "swiglu"`; output f32 `[..., N]`, or with SwiGLU `[..., N/2]`:
-//! `silu(y[.., c]) · y[.., N/2 + c]`, the gate and up halves of a fused projection. The converter writes
-//! `model.fast.onnx` with this node in place of each `MatMulNBits` + mins `Gemm` pair of `model.onnx`, and of the
-//! `Split` + `QuickGelu` + `Mul` after the gate/up projection.
+//! `silu(y[.., c]) · y[.., N/2 + c]`, the gate and up halves of a fused projection. With the attribute `epsilon` it
+//! first normalizes its input as `SkipSimplifiedLayerNormalization` does, bit for bit: `x + skip` (optional input 3,
+//! f32 shaped as x; that sum is the optional output 1, the residual) scaled to unit root mean square and by `gamma`
+//! (input 4, an f32 `[K]` initializer). The converter writes `model.fast.onnx` with this node in place of each
+//! `MatMulNBits` + mins `Gemm` pair of `model.onnx`, of the `Split` + `QuickGelu` + `Mul` after the gate/up
+//! projection, and of the norm before a projection.
 //!
 //! `MatMulQ8_0`: `x` f32 `[..., K]`, the weights plus 128 u8 `[N, K/32, 32]` and the scales f32 `[N, K/32]` (the tied
 //! embedding's, in model.onnx.data); attributes `K`, `N`; output f32 `[..., N]`, exact. It replaces the 8-bit
@@ -16,6 +19,7 @@
 //! `Attention`: attention with every query row on its own (`super::attention_op`).
 
 use super::attention_op::Attention;
+use lambda_llm_kernels::norm;
 use lambda_llm_kernels::q4_1::{Isa, Prepared, Q4_1Matrix};
 use lambda_llm_kernels::q8_0::{Prepared8, Q8_0Matrix};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
@@ -194,11 +198,16 @@ impl Operator for MatMulQ4_1 {
             OperatorInput::required(TensorElementType::Float32),
             OperatorInput::required(TensorElementType::Uint8),
             OperatorInput::required(TensorElementType::Uint16),
+            OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
         ]
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        [OperatorOutput::required(TensorElementType::Float32)]
+        [
+            OperatorOutput::required(TensorElementType::Float32),
+            OperatorOutput::optional(TensorElementType::Float32),
+        ]
     }
 
     fn create_kernel<'attr>(&self, info: &KernelContext<'attr>) -> ort::Result<Q4Kernel<'attr>> {
@@ -219,11 +228,33 @@ impl Operator for MatMulQ4_1 {
         let (q, dm): (&'attr [u8], &'attr [u16]) =
             unsafe { (stable(q.extract_tensor().1), stable(dm.extract_tensor().1)) };
         let matrix = Q4_1Matrix::new(k, n, q, dm).map_err(|e| ort::Error::new(format!("{OP}: {e}")))?;
+        let norm = match info.get::<f32>("epsilon") {
+            None if info.inputs()?.len() > 3 => {
+                return Err(ort::Error::new(format!(
+                    "{OP}: a skip or gamma input without the attribute epsilon"
+                )))
+            }
+            None => None,
+            Some(epsilon) if epsilon.is_finite() && epsilon >= 0.0 => {
+                let gamma: ValueRef<'attr, TensorValueType<f32>> = info.constant_input(4)?;
+                // SAFETY: as above.
+                let gamma: &'attr [f32] = unsafe { stable(gamma.extract_tensor().1) };
+                if gamma.len() != k {
+                    return Err(ort::Error::new(format!(
+                        "{OP}: gamma of {} values for K={k}",
+                        gamma.len()
+                    )));
+                }
+                Some(Norm { gamma, epsilon })
+            }
+            Some(epsilon) => return Err(ort::Error::new(format!("{OP}: epsilon {epsilon} is not a size"))),
+        };
         Ok(Q4Kernel {
             matrix,
             isa: self.isa,
             tasks: self.threads,
             swiglu,
+            norm,
         })
     }
 }
@@ -243,6 +274,15 @@ pub struct Q4Kernel<'w> {
     tasks: usize,
     /// Output `silu(gate) · up` of the two halves of the columns instead of the product itself.
     swiglu: bool,
+    /// RMS-normalize the input first (`epsilon` set).
+    norm: Option<Norm<'w>>,
+}
+
+/// The normalization a `MatMulQ4_1` applies to its input (with the residual `skip`, input 3, added first when given,
+/// that sum being output 1 when asked): ONNX Runtime's `SkipSimplifiedLayerNormalization`, bit for bit.
+struct Norm<'w> {
+    gamma: &'w [f32],
+    epsilon: f32,
 }
 
 /// Working memory of the calling thread, shared by every kernel it runs (ORT runs a session's nodes one at a time).
@@ -251,6 +291,8 @@ struct Scratch {
     prepared: Prepared,
     /// With SwiGLU: the product before the activation, `[rows][N]`.
     gate_up: Vec<f32>,
+    /// With a normalization: the normalized input, `[rows][K]`.
+    normed: Vec<f32>,
 }
 
 /// Scratch kept between calls; a long prompt's larger buffers are released after it.
@@ -279,14 +321,68 @@ impl Kernel for Q4Kernel<'_> {
         let width = if self.swiglu { n / 2 } else { n };
         with_io(ctx, OP, k, width, |xs, rows, ys| {
             SCRATCH.with_borrow_mut(|scratch| {
-                let result = self.run(ctx, xs, rows, ys, scratch);
-                if scratch.gate_up.capacity() * 4 > SCRATCH_KEEP_BYTES {
-                    scratch.gate_up = Vec::new();
+                let result = match &self.norm {
+                    None => self.run(ctx, xs, rows, ys, scratch),
+                    Some(norm) => {
+                        let mut normed = std::mem::take(&mut scratch.normed);
+                        let result = norm
+                            .apply(ctx, xs, k, &mut normed)
+                            .and_then(|()| self.run(ctx, &normed, rows, ys, scratch));
+                        scratch.normed = normed;
+                        result
+                    }
+                };
+                for v in [&mut scratch.gate_up, &mut scratch.normed] {
+                    if v.capacity() * 4 > SCRATCH_KEEP_BYTES {
+                        *v = Vec::new();
+                    }
                 }
                 scratch.prepared.trim(SCRATCH_KEEP_BYTES);
                 result
             })
         })
+    }
+}
+
+impl Norm<'_> {
+    /// `out` = each row of `xs` (plus the same row of input 3 when given) normalized; the sum goes to output 1 when
+    /// the node has it.
+    fn apply(&self, ctx: &ComputeContext, xs: &[f32], k: usize, out: &mut Vec<f32>) -> ort::Result<()> {
+        let skip = ctx.input(3)?;
+        let skip = match &skip {
+            Some(v) => {
+                let (_, s) = v.try_extract_tensor::<f32>()?;
+                if s.len() != xs.len() {
+                    return Err(ort::Error::new(format!(
+                        "{OP}: skip of {} values for an input of {}",
+                        s.len(),
+                        xs.len()
+                    )));
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        let mut sum = if ctx.num_outputs()? > 1 {
+            let x = ctx
+                .input(0)?
+                .ok_or_else(|| ort::Error::new(format!("{OP}: input x is missing")))?;
+            let shape = x.try_extract_tensor::<f32>()?.0.to_vec();
+            ctx.output(1, shape)?
+        } else {
+            None
+        };
+        let mut sum = match &mut sum {
+            Some(v) => Some(v.try_extract_tensor_mut::<f32>()?.1),
+            None => None,
+        };
+        out.resize(xs.len(), 0.0);
+        for (r, (x, o)) in xs.chunks_exact(k).zip(out.chunks_exact_mut(k)).enumerate() {
+            let skip = skip.map(|s| &s[r * k..(r + 1) * k]);
+            let sum = sum.as_deref_mut().map(|s| &mut s[r * k..(r + 1) * k]);
+            norm::rms_norm(x, skip, self.gamma, self.epsilon, sum, o);
+        }
+        Ok(())
     }
 }
 
