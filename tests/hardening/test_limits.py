@@ -96,9 +96,13 @@ def test_rpm_is_429_with_retry_after(limited):
 def test_tpm_is_429_with_retry_after(limited):
     h = {"Authorization": f"Bearer {limited.tpm_key}"}
     with httpx.Client(base_url=limited.base_url, timeout=60) as c:
+        # Greedy with the end tokens suppressed, so all 16 tokens come (sampled at temperature 1, the model could end
+        # early, under the limit: it did in a fresh clone).
         r = c.post("/v1/completions", headers=h,
-                   json={"model": MODEL_ID, "prompt": "One two three four five six seven eight", "max_tokens": 16})
+                   json={"model": MODEL_ID, "prompt": "One two three four five six seven eight", "max_tokens": 16,
+                         "temperature": 0, "logit_bias": {"0": -100, "2": -100}})
         assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 16
         assert r.json()["usage"]["total_tokens"] > 20
         r = c.post("/v1/completions", headers=h, json={"model": MODEL_ID, "prompt": "Hi", "max_tokens": 1})
         err = assert_envelope(r, 429, code="rate_limit_exceeded", kind="rate_limit_error")
