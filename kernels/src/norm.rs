@@ -1,6 +1,7 @@
-//! RMS normalization of one row, with an optional residual added first: ONNX Runtime's `SimplifiedLayerNormalization`
-//! and `SkipSimplifiedLayerNormalization` in f32, operation for operation, so a fused node gives the very bits of the
-//! nodes it replaces.
+//! RMS normalization of one row with a residual added first: ONNX Runtime 1.31's `SkipSimplifiedLayerNormalization`
+//! in f32, operation for operation, so the `MatMulQ4_1` it folds into gives the very bits of the node it replaces
+//! (`tests/norm.rs`). Its plain `SimplifiedLayerNormalization` sums in another order: without a residual, this is not
+//! that node's arithmetic.
 
 /// `s = x + skip` (or `x`), written to `sum` when asked; `out = s / sqrt(Σ s² / K + eps) · gamma`, every step in f32
 /// in ONNX Runtime's order (the squares summed one by one from the first, a division then a product per element).
