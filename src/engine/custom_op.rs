@@ -48,13 +48,14 @@ pub(super) fn dim(info: &KernelContext<'_>, op: &str, name: &str) -> ort::Result
     usize::try_from(v).map_err(|_| ort::Error::new(format!("{op}: attribute {name}={v} is negative")))
 }
 
-/// Input 0 as `[rows, K]` and output 0 allocated as `[..., width]`, handed to `f(x, rows, y)` (not called for 0 rows).
+/// Input 0 as `[rows, K]` and output 0 allocated as `[..., width]`, handed to `f(x's shape, x, rows, y)` (not called
+/// for 0 rows).
 fn with_io(
     ctx: &ComputeContext,
     op: &str,
     k: usize,
     width: usize,
-    f: impl FnOnce(&[f32], usize, &mut [f32]) -> ort::Result<()>,
+    f: impl FnOnce(&[i64], &[f32], usize, &mut [f32]) -> ort::Result<()>,
 ) -> ort::Result<()> {
     let x = ctx
         .input(0)?
@@ -75,7 +76,7 @@ fn with_io(
     if rows == 0 {
         return Ok(());
     }
-    f(xs, rows, ys)
+    f(shape, xs, rows, ys)
 }
 
 struct MatMulQ8_0 {
@@ -131,7 +132,7 @@ thread_local! {
 impl Kernel for Q8Kernel<'_> {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let (k, n) = (self.matrix.k, self.matrix.n);
-        with_io(ctx, OP_Q8, k, n, |xs, rows, ys| {
+        with_io(ctx, OP_Q8, k, n, |_, xs, rows, ys| {
             SCRATCH8.with_borrow_mut(|prepared| {
                 self.matrix.prepare(xs, rows, prepared);
                 let (matrix, isa, prepared, out) = (&self.matrix, self.isa, &*prepared, Out(ys.as_mut_ptr()));
@@ -245,7 +246,11 @@ impl Operator for MatMulQ4_1 {
                         gamma.len()
                     )));
                 }
-                Some(Norm { gamma, epsilon })
+                Some(Norm {
+                    gamma,
+                    epsilon,
+                    sum_output: info.outputs()?.len() > 1,
+                })
             }
             Some(epsilon) => return Err(ort::Error::new(format!("{OP}: epsilon {epsilon} is not a size"))),
         };
@@ -283,6 +288,8 @@ pub struct Q4Kernel<'w> {
 struct Norm<'w> {
     gamma: &'w [f32],
     epsilon: f32,
+    /// The node has output 1.
+    sum_output: bool,
 }
 
 /// Working memory of the calling thread, shared by every kernel it runs (ORT runs a session's nodes one at a time).
@@ -319,14 +326,14 @@ impl Kernel for Q4Kernel<'_> {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let (k, n) = (self.matrix.k, self.matrix.n);
         let width = if self.swiglu { n / 2 } else { n };
-        with_io(ctx, OP, k, width, |xs, rows, ys| {
+        with_io(ctx, OP, k, width, |shape, xs, rows, ys| {
             SCRATCH.with_borrow_mut(|scratch| {
                 let result = match &self.norm {
                     None => self.run(ctx, xs, rows, ys, scratch),
                     Some(norm) => {
                         let mut normed = std::mem::take(&mut scratch.normed);
                         let result = norm
-                            .apply(ctx, xs, k, &mut normed)
+                            .apply(ctx, shape, xs, k, &mut normed)
                             .and_then(|()| self.run(ctx, &normed, rows, ys, scratch));
                         scratch.normed = normed;
                         result
@@ -345,9 +352,9 @@ impl Kernel for Q4Kernel<'_> {
 }
 
 impl Norm<'_> {
-    /// `out` = each row of `xs` (plus the same row of input 3 when given) normalized; the sum goes to output 1 when
-    /// the node has it.
-    fn apply(&self, ctx: &ComputeContext, xs: &[f32], k: usize, out: &mut Vec<f32>) -> ort::Result<()> {
+    /// `out` = each row of `xs` (input 0, of `shape`, plus the same row of input 3 when given) normalized; the sum goes
+    /// to output 1 when the node has it.
+    fn apply(&self, ctx: &ComputeContext, shape: &[i64], xs: &[f32], k: usize, out: &mut Vec<f32>) -> ort::Result<()> {
         let skip = ctx.input(3)?;
         let skip = match &skip {
             Some(v) => {
@@ -363,12 +370,8 @@ impl Norm<'_> {
             }
             None => None,
         };
-        let mut sum = if ctx.num_outputs()? > 1 {
-            let x = ctx
-                .input(0)?
-                .ok_or_else(|| ort::Error::new(format!("{OP}: input x is missing")))?;
-            let shape = x.try_extract_tensor::<f32>()?.0.to_vec();
-            ctx.output(1, shape)?
+        let mut sum = if self.sum_output {
+            ctx.output(1, shape.to_vec())?
         } else {
             None
         };
