@@ -231,17 +231,26 @@ pub fn row_tiles(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)
 
 /// One row of x in the kernel's order: group g of 4 blocks, shift t (nibble t of each 32-bit lane of the 64 bytes), lane
 /// l: the lane holds bytes 4(l%4)..+4 of block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block. Each
-/// value is multiplied by `NIBBLE_SCALE[t]`, the inverse of the power of two its weight carries (see `scaled`).
+/// value is multiplied by `NIBBLE_SCALE[t]`, the inverse of the power of two its weight carries (see `scaled`). A tail
+/// group of 1 or 2 blocks fills 4 vectors (`scaled_tail`) and zeros.
 fn arrange(xr: &[f32], nb: usize, out: &mut [f32]) {
+    let at = |b: usize, e: usize, scale: f32| if b < nb { xr[b * BLOCK + e] * scale } else { 0.0 };
     for (g, group) in out.chunks_exact_mut(128).enumerate() {
+        if nb - 4 * g <= 2 {
+            // A tail group (`scaled_tail`): vector t, lane l holds nibble 2t + l/8 of 32-bit lane l%8, at `TAIL_SCALE`.
+            for t in 0..4 {
+                for l in 0..16 {
+                    let (lane, nibble) = (l % 8, 2 * t + l / 8);
+                    let scale = TAIL_SCALE[t][l / 8];
+                    group[t * 16 + l] = at(4 * g + lane / 4, 8 * (lane % 4) + nibble, scale);
+                }
+            }
+            group[64..].fill(0.0);
+            continue;
+        }
         for t in 0..8 {
             for l in 0..16 {
-                let b = 4 * g + l / 4;
-                group[t * 16 + l] = if b < nb {
-                    xr[b * BLOCK + 8 * (l % 4) + t] * NIBBLE_SCALE[t]
-                } else {
-                    0.0
-                };
+                group[t * 16 + l] = at(4 * g + l / 4, 8 * (l % 4) + t, NIBBLE_SCALE[t]);
             }
         }
     }
@@ -259,6 +268,14 @@ const NIBBLE_SCALE: [f32; 8] = [
     1.0 / 256.0,
     1.0 / 4096.0,
     1.0 / 65536.0,
+];
+
+/// A tail group's `NIBBLE_SCALE`: vector t, lanes 0–7 then 8–15 (`scaled_tail`: s = 0, 1 | 2, 3 | 1, 2 | 3, 4).
+const TAIL_SCALE: [[f32; 2]; 4] = [
+    [1.0, 1.0 / 16.0],
+    [1.0 / 256.0, 1.0 / 4096.0],
+    [1.0 / 16.0, 1.0 / 256.0],
+    [1.0 / 4096.0, 1.0 / 65536.0],
 ];
 
 /// An IEEE half-precision bit pattern as f32 (exact; the weights hold no infinities or NaNs, but they convert too).
@@ -357,11 +374,15 @@ mod avx512 {
                     }
                 }
                 if wide < ng {
-                    let (v, dv) = unsafe { half_group(qrow, dmrow, wide, nb - 4 * wide) };
-                    let q = scaled_half(v, dv);
-                    for (r, chains) in acc.iter_mut().enumerate() {
+                    let (v, dv) = unsafe { tail_group(qrow, dmrow, wide, nb - 4 * wide) };
+                    let q = scaled_tail(v, dv);
+                    for (r, [a0, a1]) in acc.iter_mut().enumerate() {
                         let xg = unsafe { xs.add(r * stride + wide * 128) };
-                        *chains = unsafe { half_chains(*chains, |t| (q[t], _mm256_loadu_ps(xg.add(16 * t)))) };
+                        let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
+                        *a0 = _mm512_fmadd_ps(q[0], ld(0), *a0);
+                        *a1 = _mm512_fmadd_ps(q[1], ld(1), *a1);
+                        *a0 = _mm512_fmadd_ps(q[2], ld(2), *a0);
+                        *a1 = _mm512_fmadd_ps(q[3], ld(3), *a1);
                     }
                 }
                 let sum: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(acc[r][0], acc[r][1]));
@@ -390,10 +411,9 @@ mod avx512 {
                     let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
                     out.copy_from_slice(&scaled(v, dv));
                 } else {
-                    let (v, dv) = unsafe { half_group(qrow, dmrow, g, nb - 4 * g) };
-                    for (o, q) in out.iter_mut().zip(scaled_half(v, dv)) {
-                        *o = _mm512_zextps256_ps512(q);
-                    }
+                    let (v, dv) = unsafe { tail_group(qrow, dmrow, g, nb - 4 * g) };
+                    out[..4].copy_from_slice(&scaled_tail(v, dv));
+                    out[4..].fill(_mm512_setzero_ps());
                 }
             }
             for (h, out) in mins.iter_mut().enumerate() {
@@ -419,10 +439,11 @@ mod avx512 {
             let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
             let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
             let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
-            // A half group's upper lanes hold zeros here (see `dequantize`): adding their 0·0 leaves a chain's lanes as
-            // `tile` leaves them (a lane's sum is never −0: it starts at +0, and a sum that cancels is +0).
+            let wide = full_groups(w.blocks());
             for g in 0..ng {
-                for t in (0..8).step_by(2) {
+                // A tail group packs its 1 or 2 blocks in 4 vectors.
+                let steps = if g < wide { 8 } else { 4 };
+                for t in (0..steps).step_by(2) {
                     let xg = |r: usize, t: usize| unsafe { _mm512_loadu_ps(xs.add(r * stride + g * 128 + 16 * t)) };
                     for (half, t) in [t, t + 1].into_iter().enumerate() {
                         let x: [__m512; R] = std::array::from_fn(|r| xg(r, t));
@@ -594,8 +615,8 @@ mod avx512 {
         })
     }
 
-    /// Groups run at full width: all but a last group of 1 or 2 blocks, whose upper 8 lanes would only hold zeros
-    /// (K = 576, the model's usual K, ends in one: 5 % of the work of those layers).
+    /// Groups of 8 vectors: all but a tail group of 1 or 2 blocks, which packs its 64 weights in 4 vectors instead of
+    /// 8 half zeros (`scaled_tail`; K = 576, the model's usual K, ends in one: a tenth of those layers' FMAs).
     #[inline]
     fn full_groups(nb: usize) -> usize {
         if nb % 4 == 1 || nb % 4 == 2 {
@@ -605,10 +626,11 @@ mod avx512 {
         }
     }
 
-    /// `group` for a last group of `left` ≤ 2 blocks: its nibbles (32 bytes) and the lower 8 lanes' scales.
+    /// `group` for a tail group of `left` ≤ 2 blocks: its nibbles (32 bytes) in both 256-bit halves, and each lane's
+    /// scale (lane l: block (l % 8) / 4).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn half_group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m256i, __m256) {
+    unsafe fn tail_group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m512i, __m512) {
         debug_assert!((1..=2).contains(&left));
         let (v, dm) = unsafe {
             (
@@ -616,39 +638,30 @@ mod avx512 {
                 _mm_maskz_loadu_epi16((1u8 << (2 * left)) - 1, dmrow.add(g * 8).cast()),
             )
         };
-        let dm = _mm256_castps128_ps256(_mm_cvtph_ps(dm));
-        (v, _mm256_permutexvar_ps(_mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), dm))
+        let dm = _mm512_castps128_ps512(_mm_cvtph_ps(dm));
+        let d = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2), dm);
+        (_mm512_broadcast_i64x4(v), d)
     }
 
-    /// `scaled` on the lower 8 lanes.
+    /// The 4 vectors of a tail group (`tail_group`), `scaled`'s arithmetic: vector t holds nibbles 2t (lanes 0–7) and
+    /// 2t + 1 (lanes 8–15) of the group's 8 32-bit lanes, masked where they lie (t < 2) or 12 bits lower (t ≥ 2), so
+    /// at `16^s` with s = the nibble (t < 2) or the nibble − 3 (`arrange`'s `TAIL_SCALE`).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    fn scaled_half(v: __m256i, d: __m256) -> [__m256; 8] {
-        let magic = _mm256_set1_epi32(0x4B00_0000);
-        let offset = _mm256_mul_ps(d, _mm256_set1_ps(-8_388_608.0));
-        let high = _mm256_srli_epi32::<12>(v);
+    #[target_feature(enable = "avx512f")]
+    fn scaled_tail(v: __m512i, d: __m512) -> [__m512; 4] {
+        let magic = _mm512_set1_epi32(0x4B00_0000);
+        let offset = _mm512_mul_ps(d, _mm512_set1_ps(-8_388_608.0));
+        let high = _mm512_srli_epi32::<12>(v);
         std::array::from_fn(|t| {
-            let (x, s) = if t <= 4 { (v, t) } else { (high, t - 3) };
-            let mask = _mm256_set1_epi32(0x0F << (4 * s));
-            _mm256_fmadd_ps(
-                _mm256_castsi256_ps(_mm256_ternarylogic_epi32::<0xEA>(x, mask, magic)),
+            let (x, s) = if t < 2 { (v, 2 * t) } else { (high, 2 * t - 3) };
+            let (lo, hi) = (0x0F << (4 * s), 0x0F << (4 * (s + 1)));
+            let mask = _mm512_setr_epi32(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi);
+            _mm512_fmadd_ps(
+                _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
                 d,
                 offset,
             )
         })
-    }
-
-    /// A half group's 8 FMAs `(w_t, x_t) = wx(t)` on the lower 8 lanes of the two chains, as a full group's: chain
-    /// t % 2, t in order; the upper lanes keep their value, as they would adding 0·0.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    unsafe fn half_chains(chains: [__m512; 2], wx: impl Fn(usize) -> (__m256, __m256)) -> [__m512; 2] {
-        let mut lo = chains.map(|c| _mm512_castps512_ps256(c));
-        for t in 0..8 {
-            let (w, x) = wx(t);
-            lo[t % 2] = _mm256_fmadd_ps(w, x, lo[t % 2]);
-        }
-        std::array::from_fn(|i| _mm512_mask_blend_ps(0x00FF, chains[i], _mm512_castps256_ps512(lo[i])))
     }
 }
 
