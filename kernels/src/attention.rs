@@ -3,8 +3,9 @@
 //! cache, never on the rows computed beside it, so a prompt run whole, in chunks or one token at a time, alone or in a
 //! batch, gets the same bits.
 
-/// Lanes per vector step (one AVX-512 register of f32).
-const LANES: usize = 16;
+#[cfg(target_arch = "x86_64")]
+use crate::exp::exp_avx512;
+use crate::exp::{exp, LANES};
 
 /// Rotates the interleaved pairs `(x[2i], x[2i + 1])` of one head by the angles whose cosines and sines are `cos[i]`,
 /// `sin[i]` (one position's row of the rotary caches, `x.len() / 2` each).
@@ -130,30 +131,6 @@ unsafe fn softmax_times_values_avx512(values: &[f32], n: usize, scores: &mut [f3
     }
 }
 
-/// `exp` in a register: the same operations per lane.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,fma")]
-fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    // `max(x, −87)` returns −87 for a NaN, as `f32::max` does.
-    let y = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-    let round = _mm512_set1_ps(EXP_ROUND);
-    let k = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(y, _mm512_set1_ps(EXP_LOG2E)), round), round);
-    let minus_k = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(k), _mm512_set1_epi32(i32::MIN)));
-    let r = _mm512_fmadd_ps(
-        minus_k,
-        _mm512_set1_ps(EXP_LN2_LO),
-        _mm512_fmadd_ps(minus_k, _mm512_set1_ps(EXP_LN2_HI), y),
-    );
-    let mut p = _mm512_set1_ps(EXP_POLY[0]);
-    for &c in &EXP_POLY[1..] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    }
-    let two_k = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)));
-    _mm512_mul_ps(p, _mm512_castsi512_ps(two_k))
-}
-
 /// The portable body: `score` for every key, then the shared softmax and weighted sum.
 #[inline(always)]
 fn attend_any(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
@@ -259,42 +236,6 @@ fn sum(mut v: [f32; LANES]) -> f32 {
     v[0]
 }
 
-/// `e^x` per lane for `x ≤ 0` (clamped at −87, where it is 1.6e-38), relative error below 2.5·2⁻²³: `x = k·ln 2 + r`,
-/// `|r| ≤ ln 2 / 2`, a degree-7 Taylor polynomial in `r`, then `2^k` through the exponent bits. A NaN score counts
-/// as −87 (its weight vanishes) rather than spreading.
-#[inline(always)]
-fn exp(x: [f32; LANES]) -> [f32; LANES] {
-    let mut out = [0f32; LANES];
-    for l in 0..LANES {
-        let y = x[l].max(-87.0);
-        let k = (y * EXP_LOG2E + EXP_ROUND) - EXP_ROUND;
-        let r = (-k).mul_add(EXP_LN2_LO, (-k).mul_add(EXP_LN2_HI, y));
-        let mut p = EXP_POLY[0];
-        for &c in &EXP_POLY[1..] {
-            p = p.mul_add(r, c);
-        }
-        out[l] = p * f32::from_bits(((k as i32 + 127) as u32) << 23);
-    }
-    out
-}
-
-const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
-/// ln 2 in two parts (Cody and Waite): 0.693359375 has 9 significant bits.
-const EXP_LN2_HI: f32 = 0.693_359_4;
-const EXP_LN2_LO: f32 = -2.121_944_4e-4;
-/// 1.5·2^23: adding it rounds to an integer.
-const EXP_ROUND: f32 = 12_582_912.0;
-const EXP_POLY: [f32; 8] = [
-    1.0 / 5040.0,
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    0.5,
-    1.0,
-    1.0,
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,19 +253,6 @@ mod tests {
         let k = (0..n * d).map(|_| rng(seed) * 2.0).collect();
         let v = (0..n * d).map(|_| rng(seed)).collect();
         (q, k, v)
-    }
-
-    #[test]
-    fn exp_is_within_two_and_a_half_epsilons_of_the_library() {
-        let mut worst = 0f64;
-        for i in 0..=100_000 {
-            let x = -87.0 * i as f32 / 100_000.0;
-            let got = exp([x; LANES])[0] as f64;
-            let want = (x as f64).exp();
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 2.5 * f32::EPSILON as f64, "relative error {worst:e}");
-        assert_eq!(exp([0.0; LANES])[0], 1.0);
     }
 
     #[test]

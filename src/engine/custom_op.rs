@@ -19,9 +19,9 @@
 //! `Attention`: attention with every query row on its own (`super::attention_op`).
 
 use super::attention_op::Attention;
-use lambda_llm_kernels::norm;
 use lambda_llm_kernels::q4_1::{Isa, Prepared, Q4_1Matrix};
 use lambda_llm_kernels::q8_0::{Prepared8, Q8_0Matrix};
+use lambda_llm_kernels::{norm, swiglu};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::value::{TensorElementType, TensorValueType, ValueRef};
 use ort::AsPointer;
@@ -422,10 +422,10 @@ impl Q4Kernel<'_> {
                 matrix.columns(isa, prepared, gate_up.get(), half + cols.start..half + cols.end);
                 for r in 0..rows {
                     let row = gate_up.get().add(r * n);
-                    for c in cols.clone() {
-                        let (g, u) = (*row.add(c), *row.add(half + c));
-                        *out.get().add(r * half + c) = g / (1.0 + (-g).exp()) * u;
-                    }
+                    let gate = std::slice::from_raw_parts(row.add(cols.start), cols.len());
+                    let up = std::slice::from_raw_parts(row.add(half + cols.start), cols.len());
+                    let y = std::slice::from_raw_parts_mut(out.get().add(r * half + cols.start), cols.len());
+                    swiglu::silu_mul(gate, up, y);
                 }
             }
         };
