@@ -38,6 +38,19 @@ pub struct Prepared {
     sums: Vec<f32>,
 }
 
+/// Where [`Q4_1Matrix::fill_rows`] writes a call's rows: pointers into the buffers of the `Prepared` that
+/// [`Q4_1Matrix::prepare_begin`] sized, shared by the threads that fill disjoint rows.
+#[derive(Clone, Copy, Debug)]
+pub struct PreparedRows {
+    xs: *mut f32,
+    xh: *mut u16,
+    sums: *mut f32,
+}
+
+// SAFETY: the fills write disjoint rows (`fill_rows`' contract).
+unsafe impl Send for PreparedRows {}
+unsafe impl Sync for PreparedRows {}
+
 /// Which instructions run the product; chosen once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -115,52 +128,94 @@ impl<'w> Q4_1Matrix<'w> {
 
     /// Rearranges `rows` rows of `x` (`[rows][K]`) for `columns`.
     pub fn prepare(&self, isa: Isa, x: &[f32], rows: usize, p: &mut Prepared) {
-        let (k, nb) = (self.k, self.blocks());
-        debug_assert_eq!(x.len(), rows * k);
+        debug_assert_eq!(x.len(), rows * self.k);
+        let out = self.prepare_begin(isa, rows, p);
+        // SAFETY: `out` is this call's, and one caller fills every row.
+        unsafe { self.fill_rows(isa, x, 0, out) };
+    }
+
+    /// Sizes `p` for `rows` rows on `isa` and returns where [`Self::fill_rows`] writes them, so that several threads
+    /// can each fill their own rows. What `p` holds from before is overwritten, not cleared first.
+    pub fn prepare_begin(&self, isa: Isa, rows: usize, p: &mut Prepared) -> PreparedRows {
+        let (ng, nh) = (self.groups(), self.min_vectors());
         p.rows = rows;
-        p.sums.clear();
-        match isa {
-            Isa::Portable => {
-                p.sums.extend(x.chunks_exact(BLOCK).map(|b| b.iter().sum::<f32>()));
-                p.xs.clear();
-                p.xs.extend_from_slice(x);
-            }
-            Isa::Avx512 => {
-                // Row r, group g, shift t (nibble t of each 32-bit lane), lane l: the lane holds bytes 4(l%4)..+4 of
-                // block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block.
-                let (ng, nh) = (self.groups(), self.min_vectors());
-                // `arrange` writes every float (the padding's zeros too), so what is kept is not cleared first.
-                p.xs.resize(rows * ng * 128, 0.0);
-                p.sums.resize(rows * nh * 16, 0.0);
-                for (r, xr) in x.chunks_exact(k).enumerate() {
-                    for (b, xb) in xr.chunks_exact(BLOCK).enumerate() {
-                        p.sums[r * nh * 16 + b] = xb.iter().sum::<f32>();
-                    }
-                    arrange(xr, nb, &mut p.xs[r * ng * 128..(r + 1) * ng * 128]);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
+        let (xs, xh, sums) = match isa {
+            Isa::Portable => (rows * self.k, 0, rows * self.blocks()),
+            Isa::Avx512 => (rows * ng * 128, 0, rows * nh * 16),
             Isa::Avx512Bf16 => {
                 // A caller may name this ISA on any CPU: refuse it where the instructions are missing.
                 assert!(
                     Isa::detect_bf16().is_some(),
                     "Isa::Avx512Bf16 on a CPU without AVX-512 BF16"
                 );
-                let (ng, nh) = (self.groups(), self.min_vectors());
-                // As above: `bf16::arrange` writes every value.
-                p.xh.resize(rows * ng * 128, 0);
-                p.sums.resize(rows * nh * 32, 0.0);
-                for (r, xr) in x.chunks_exact(k).enumerate() {
-                    let (xh, sums) = (
-                        &mut p.xh[r * ng * 128..][..ng * 128],
-                        &mut p.sums[r * nh * 32..][..nh * 32],
-                    );
-                    // SAFETY: the CPU has the instructions (checked above).
+                (0, rows * ng * 128, rows * nh * 32)
+            }
+        };
+        p.xs.resize(xs, 0.0);
+        p.xh.resize(xh, 0);
+        p.sums.resize(sums, 0.0);
+        PreparedRows {
+            xs: p.xs.as_mut_ptr(),
+            xh: p.xh.as_mut_ptr(),
+            sums: p.sums.as_mut_ptr(),
+        }
+    }
+
+    /// Rearranges the whole rows of `x` as rows `first..` of the call `out` was made for (every value of those rows
+    /// is written).
+    ///
+    /// # Safety
+    /// `out` must come from [`Self::prepare_begin`] on this matrix with the same `isa`, for at least
+    /// `first + x.len() / K` rows; its `Prepared` must not be used otherwise until every fill is done, and no two fills
+    /// may write the same row.
+    pub unsafe fn fill_rows(&self, isa: Isa, x: &[f32], first: usize, out: PreparedRows) {
+        let (k, nb, ng, nh) = (self.k, self.blocks(), self.groups(), self.min_vectors());
+        debug_assert_eq!(x.len() % k, 0);
+        for (i, xr) in x.chunks_exact(k).enumerate() {
+            let r = first + i;
+            // SAFETY (all three arms): the caller owns row r of the buffers `prepare_begin` sized.
+            match isa {
+                Isa::Portable => {
+                    let (xs, sums) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(out.xs.add(r * k), k),
+                            std::slice::from_raw_parts_mut(out.sums.add(r * nb), nb),
+                        )
+                    };
+                    xs.copy_from_slice(xr);
+                    for (s, xb) in sums.iter_mut().zip(xr.chunks_exact(BLOCK)) {
+                        *s = xb.iter().sum::<f32>();
+                    }
+                }
+                Isa::Avx512 => {
+                    // Row r, group g, shift t (nibble t of each 32-bit lane), lane l: the lane holds bytes
+                    // 4(l%4)..+4 of block 4g + l/4, and nibble t of it is element 8(l%4) + t of that block.
+                    let (xs, sums) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(out.xs.add(r * ng * 128), ng * 128),
+                            std::slice::from_raw_parts_mut(out.sums.add(r * nh * 16), nh * 16),
+                        )
+                    };
+                    sums.fill(0.0);
+                    for (s, xb) in sums.iter_mut().zip(xr.chunks_exact(BLOCK)) {
+                        *s = xb.iter().sum::<f32>();
+                    }
+                    arrange(xr, nb, xs);
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Bf16 => {
+                    let (xh, sums) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(out.xh.add(r * ng * 128), ng * 128),
+                            std::slice::from_raw_parts_mut(out.sums.add(r * nh * 32), nh * 32),
+                        )
+                    };
+                    // SAFETY: `prepare_begin` checked that the CPU has the instructions.
                     unsafe { bf16::arrange(xr, nb, xh, sums) };
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                Isa::Avx512Bf16 => unreachable!("AVX-512 BF16 is detected on x86-64 only"),
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512Bf16 => unreachable!("AVX-512 BF16 is detected on x86-64 only"),
         }
     }
 
@@ -803,6 +858,38 @@ mod tests {
                 unsafe { m.columns(isa, &p, alone.as_mut_ptr(), 0..n) };
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&alone), bits(&together[r * n..(r + 1) * n]), "{isa:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_filled_in_pieces_give_the_bits_of_one_prepare() {
+        let (k, n, rows) = (576, 9, 10);
+        let mut rng = Rng(5);
+        let nb = k / BLOCK;
+        let q: Vec<u8> = (0..n * nb * 16).map(|_| rng.next() as u8).collect();
+        let dm: Vec<u16> = (0..n * nb * 2)
+            .map(|i| if i % 2 == 0 { 0x2000 } else { 0xA400 })
+            .collect();
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
+        let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();
+        for isa in isas() {
+            let mut p = Prepared::default();
+            m.prepare(isa, &x, rows, &mut p);
+            let mut whole = vec![0f32; rows * n];
+            unsafe { m.columns(isa, &p, whole.as_mut_ptr(), 0..n) };
+            // A fresh buffer and one holding another call's values (13 other rows): every value of a row is written.
+            let other: Vec<f32> = (0..13 * k).map(|_| rng.f() * 7.0).collect();
+            m.prepare(isa, &other, 13, &mut p);
+            for mut p in [Prepared::default(), p] {
+                let out = m.prepare_begin(isa, rows, &mut p);
+                for (r0, r1) in [(7, 10), (0, 3), (3, 7)] {
+                    unsafe { m.fill_rows(isa, &x[r0 * k..r1 * k], r0, out) };
+                }
+                let mut pieces = vec![0f32; rows * n];
+                unsafe { m.columns(isa, &p, pieces.as_mut_ptr(), 0..n) };
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&pieces), bits(&whole), "{isa:?}");
             }
         }
     }

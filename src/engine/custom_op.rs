@@ -302,6 +302,10 @@ struct Scratch {
     normed: Vec<f32>,
 }
 
+/// Rows from which the normalization and the rearrangement of a `MatMulQ4_1`'s input run on every thread (below, the
+/// calling thread alone: a decode step's row is quicker than a dispatch).
+const PARALLEL_ROWS: usize = 4;
+
 /// Scratch kept between calls; a long prompt's larger buffers are released after it.
 pub(super) const SCRATCH_KEEP_BYTES: usize = 4 << 20;
 
@@ -328,17 +332,7 @@ impl Kernel for Q4Kernel<'_> {
         let width = if self.swiglu { n / 2 } else { n };
         with_io(ctx, OP, k, width, |shape, xs, rows, ys| {
             SCRATCH.with_borrow_mut(|scratch| {
-                let result = match &self.norm {
-                    None => self.run(ctx, xs, rows, ys, scratch),
-                    Some(norm) => {
-                        let mut normed = std::mem::take(&mut scratch.normed);
-                        let result = norm
-                            .apply(ctx, shape, xs, k, &mut normed)
-                            .and_then(|()| self.run(ctx, &normed, rows, ys, scratch));
-                        scratch.normed = normed;
-                        result
-                    }
-                };
+                let result = self.run(ctx, shape, xs, rows, ys, scratch);
                 for v in [&mut scratch.gate_up, &mut scratch.normed] {
                     if v.capacity() * 4 > SCRATCH_KEEP_BYTES {
                         *v = Vec::new();
@@ -351,11 +345,24 @@ impl Kernel for Q4Kernel<'_> {
     }
 }
 
-impl Norm<'_> {
-    /// `out` = each row of `xs` (input 0, of `shape`, plus the same row of input 3 when given) normalized; the sum goes
-    /// to output 1 when the node has it.
-    fn apply(&self, ctx: &ComputeContext, shape: &[i64], xs: &[f32], k: usize, out: &mut Vec<f32>) -> ort::Result<()> {
-        let skip = ctx.input(3)?;
+impl Q4Kernel<'_> {
+    /// The normalization (if any) and the kernel's rearrangement of the input, one task per thread from
+    /// `PARALLEL_ROWS` rows (each its own rows), then the product, each task its own columns.
+    fn run(
+        &self,
+        ctx: &ComputeContext,
+        shape: &[i64],
+        xs: &[f32],
+        rows: usize,
+        ys: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> ort::Result<()> {
+        let (k, n) = (self.matrix.k, self.matrix.n);
+        // The norm's residual (input 3) and the sum it outputs (output 1), when the node has them.
+        let skip = match &self.norm {
+            Some(_) => ctx.input(3)?,
+            None => None,
+        };
         let skip = match &skip {
             Some(v) => {
                 let (_, s) = v.try_extract_tensor::<f32>()?;
@@ -370,37 +377,45 @@ impl Norm<'_> {
             }
             None => None,
         };
-        let mut sum = if self.sum_output {
-            ctx.output(1, shape.to_vec())?
-        } else {
-            None
+        let mut sum = match &self.norm {
+            Some(norm) if norm.sum_output => ctx.output(1, shape.to_vec())?,
+            _ => None,
         };
-        let mut sum = match &mut sum {
-            Some(v) => Some(v.try_extract_tensor_mut::<f32>()?.1),
+        let sum = match &mut sum {
+            Some(v) => Some(Out(v.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr())),
             None => None,
         };
-        out.resize(xs.len(), 0.0);
-        for (r, (x, o)) in xs.chunks_exact(k).zip(out.chunks_exact_mut(k)).enumerate() {
-            let skip = skip.map(|s| &s[r * k..(r + 1) * k]);
-            let sum = sum.as_deref_mut().map(|s| &mut s[r * k..(r + 1) * k]);
-            norm::rms_norm(x, skip, self.gamma, self.epsilon, sum, o);
+        if self.norm.is_some() {
+            scratch.normed.resize(xs.len(), 0.0);
         }
-        Ok(())
-    }
-}
-
-impl Q4Kernel<'_> {
-    fn run(
-        &self,
-        ctx: &ComputeContext,
-        xs: &[f32],
-        rows: usize,
-        ys: &mut [f32],
-        scratch: &mut Scratch,
-    ) -> ort::Result<()> {
-        let n = self.matrix.n;
+        let normed = Out(scratch.normed.as_mut_ptr());
+        let filled = self.matrix.prepare_begin(self.isa, rows, &mut scratch.prepared);
+        let (matrix, isa, norm) = (&self.matrix, self.isa, self.norm.as_ref());
+        let prepare_rows = |r0: usize, r1: usize| {
+            let x = match norm {
+                None => &xs[r0 * k..r1 * k],
+                Some(norm) => {
+                    for r in r0..r1 {
+                        // SAFETY: `normed` and the sum output hold rows × K floats; each task owns its rows.
+                        let (out, sum) = unsafe {
+                            (
+                                std::slice::from_raw_parts_mut(normed.get().add(r * k), k),
+                                sum.map(|s| std::slice::from_raw_parts_mut(s.get().add(r * k), k)),
+                            )
+                        };
+                        let skip = skip.map(|s| &s[r * k..(r + 1) * k]);
+                        norm::rms_norm(&xs[r * k..(r + 1) * k], skip, norm.gamma, norm.epsilon, sum, out);
+                    }
+                    // SAFETY: as above; this task has just written these rows.
+                    unsafe { std::slice::from_raw_parts(normed.get().add(r0 * k), (r1 - r0) * k) }
+                }
+            };
+            // SAFETY: `filled` is this call's, sized for `rows` rows; each task fills its own.
+            unsafe { matrix.fill_rows(isa, x, r0, filled) };
+        };
+        let tasks = if rows >= PARALLEL_ROWS { self.tasks.min(rows) } else { 1 };
+        run_tasks(ctx, tasks, &|i| prepare_rows(i * rows / tasks, (i + 1) * rows / tasks))?;
         let width = ys.len() / rows;
-        self.matrix.prepare(self.isa, xs, rows, &mut scratch.prepared);
         if self.swiglu {
             scratch.gate_up.resize(rows * n, 0.0);
         }
