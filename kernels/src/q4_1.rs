@@ -30,12 +30,60 @@ pub struct Q4_1Matrix<'w> {
 pub struct Prepared {
     rows: usize,
     /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); portable: a copy of x.
-    xs: Vec<f32>,
+    xs: Aligned<f32>,
     /// AVX-512 BF16: per row, per group of 4 blocks, 4 vectors of 32 bfloat16 lanes (see `bf16::arrange`).
-    xh: Vec<u16>,
+    xh: Aligned<u16>,
     /// Per row, the sum of x over each block; AVX-512 pads each row to whole vectors of 16 blocks with zeros, and
     /// AVX-512 BF16 follows each such vector with the sums of the bfloat16 activations of the same 16 blocks.
-    sums: Vec<f32>,
+    sums: Aligned<f32>,
+}
+
+/// A buffer of f32 or u16 that starts on a 64-byte boundary (a cache line, an AVX-512 register), so that no vector
+/// load of a row straddles two lines (rows are whole vectors): 120 layers × 30 rows, 2 threads: 39.3–39.5 against
+/// 38.5–38.8 ms with a plain `Vec`.
+struct Aligned<T> {
+    lines: Vec<Line>,
+    len: usize,
+    kind: std::marker::PhantomData<T>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl<T> Default for Aligned<T> {
+    fn default() -> Self {
+        Self {
+            lines: Vec::new(),
+            len: 0,
+            kind: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Copy> Aligned<T> {
+    /// `len` values: those kept keep their value, new ones are zeros (all-zero bytes, for f32 and u16 alike).
+    fn resize(&mut self, len: usize) {
+        self.lines.resize((len * size_of::<T>()).div_ceil(64), Line([0; 64]));
+        self.len = len;
+    }
+
+    fn as_ptr(&self) -> *const T {
+        self.lines.as_ptr().cast()
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut T {
+        self.lines.as_mut_ptr().cast()
+    }
+
+    fn as_slice(&self) -> &[T] {
+        // SAFETY: the lines hold `len` initialized values of T (plain bytes for f32 and u16).
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+
+    fn capacity_bytes(&self) -> usize {
+        self.lines.capacity() * 64
+    }
 }
 
 /// Where [`Q4_1Matrix::fill_rows`] writes a call's rows: pointers into the buffers of the `Prepared` that
@@ -88,14 +136,14 @@ impl Isa {
 impl Prepared {
     /// Releases buffers grown past `bytes` (by a long prompt), so they are not held for the process's life.
     pub fn trim(&mut self, bytes: usize) {
-        if self.xs.capacity() * 4 > bytes {
-            self.xs = Vec::new();
+        if self.xs.capacity_bytes() > bytes {
+            self.xs = Aligned::default();
         }
-        if self.xh.capacity() * 2 > bytes {
-            self.xh = Vec::new();
+        if self.xh.capacity_bytes() > bytes {
+            self.xh = Aligned::default();
         }
-        if self.sums.capacity() * 4 > bytes {
-            self.sums = Vec::new();
+        if self.sums.capacity_bytes() > bytes {
+            self.sums = Aligned::default();
         }
     }
 }
@@ -151,9 +199,9 @@ impl<'w> Q4_1Matrix<'w> {
                 (0, rows * ng * 128, rows * nh * 32)
             }
         };
-        p.xs.resize(xs, 0.0);
-        p.xh.resize(xh, 0);
-        p.sums.resize(sums, 0.0);
+        p.xs.resize(xs);
+        p.xh.resize(xh);
+        p.sums.resize(sums);
         PreparedRows {
             xs: p.xs.as_mut_ptr(),
             xh: p.xh.as_mut_ptr(),
@@ -239,7 +287,7 @@ impl<'w> Q4_1Matrix<'w> {
     unsafe fn columns_portable(&self, p: &Prepared, y: *mut f32, cols: Range<usize>) {
         let (k, n, nb) = (self.k, self.n, self.blocks());
         for r in 0..p.rows {
-            let xr = &p.xs[r * k..(r + 1) * k];
+            let xr = &p.xs.as_slice()[r * k..(r + 1) * k];
             for c in cols.clone() {
                 let mut acc = 0f32;
                 for b in 0..nb {
@@ -254,7 +302,7 @@ impl<'w> Q4_1Matrix<'w> {
                         f16_to_f32(self.dm[(c * nb + b) * 2]),
                         f16_to_f32(self.dm[(c * nb + b) * 2 + 1]),
                     );
-                    acc += d * dot + m * p.sums[r * nb + b];
+                    acc += d * dot + m * p.sums.as_slice()[r * nb + b];
                 }
                 unsafe { *y.add(r * n + c) = acc };
             }
