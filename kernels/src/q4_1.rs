@@ -884,16 +884,21 @@ mod tests {
         }
     }
 
+    /// Random nibbles, halves (d near 2⁻⁷, m near −2⁻⁶) and `rows` rows of activations for a K × N matrix.
+    fn case(rng: &mut Rng, k: usize, n: usize, rows: usize) -> (Vec<u8>, Vec<u16>, Vec<f32>) {
+        let nb = k / BLOCK;
+        let q = (0..n * nb * 16).map(|_| rng.next() as u8).collect();
+        let dm = (0..n * nb * 2)
+            .map(|i| if i % 2 == 0 { 0x2000 } else { 0xA400 } + (rng.next() % 0x300) as u16)
+            .collect();
+        let x = (0..rows * k).map(|_| rng.f()).collect();
+        (q, dm, x)
+    }
+
     #[test]
     fn a_row_gets_the_same_bits_whatever_the_rows_beside_it() {
         let (k, n, rows) = (576, 23, 11);
-        let mut rng = Rng(99);
-        let nb = k / BLOCK;
-        let q: Vec<u8> = (0..n * nb * 16).map(|_| rng.next() as u8).collect();
-        let dm: Vec<u16> = (0..n * nb * 2)
-            .map(|i| if i % 2 == 0 { 0x2000 } else { 0xA400 } + (rng.next() % 0x300) as u16)
-            .collect();
-        let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
+        let (q, dm, x) = case(&mut Rng(99), k, n, rows);
         let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();
         for isa in isas() {
             let mut p = Prepared::default();
@@ -914,12 +919,7 @@ mod tests {
     fn rows_filled_in_pieces_give_the_bits_of_one_prepare() {
         let (k, n, rows) = (576, 9, 10);
         let mut rng = Rng(5);
-        let nb = k / BLOCK;
-        let q: Vec<u8> = (0..n * nb * 16).map(|_| rng.next() as u8).collect();
-        let dm: Vec<u16> = (0..n * nb * 2)
-            .map(|i| if i % 2 == 0 { 0x2000 } else { 0xA400 })
-            .collect();
-        let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
+        let (q, dm, x) = case(&mut rng, k, n, rows);
         let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();
         for isa in isas() {
             let mut p = Prepared::default();
