@@ -302,8 +302,8 @@ struct Scratch {
     normed: Vec<f32>,
 }
 
-/// Rows from which the normalization and the rearrangement of a `MatMulQ4_1`'s input run on every thread (below, the
-/// calling thread alone: a decode step's row is quicker than a dispatch).
+/// Rows from which the normalization and the rearrangement of a `MatMulQ4_1`'s input run on every thread; below, the
+/// calling thread does them alone, as for a decode step's one row.
 const PARALLEL_ROWS: usize = 4;
 
 /// Scratch kept between calls; a long prompt's larger buffers are released after it.
@@ -313,7 +313,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// The output pointer shared by the pool's tasks, each writing its own part (columns, or attention items).
+/// An output pointer shared by the pool's tasks, each writing its own part (columns, rows, or attention items).
 #[derive(Clone, Copy)]
 pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: tasks write disjoint parts.
