@@ -231,9 +231,7 @@ impl<'w> Q4_1Matrix<'w> {
                         )
                     };
                     xs.copy_from_slice(xr);
-                    for (s, xb) in sums.iter_mut().zip(xr.chunks_exact(BLOCK)) {
-                        *s = xb.iter().sum::<f32>();
-                    }
+                    block_sums(xr, sums);
                 }
                 Isa::Avx512 => {
                     // Row r, group g, shift t (nibble t of each 32-bit lane), lane l: the lane holds bytes
@@ -244,10 +242,9 @@ impl<'w> Q4_1Matrix<'w> {
                             std::slice::from_raw_parts_mut(out.sums.add(r * nh * 16), nh * 16),
                         )
                     };
-                    sums.fill(0.0);
-                    for (s, xb) in sums.iter_mut().zip(xr.chunks_exact(BLOCK)) {
-                        *s = xb.iter().sum::<f32>();
-                    }
+                    // The padding to whole vectors of 16 blocks: zeros.
+                    sums[nb..].fill(0.0);
+                    block_sums(xr, sums);
                     arrange(xr, nb, xs);
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -325,6 +322,13 @@ pub fn check_shape(k: usize, n: usize, parts: &[(&str, usize, usize)]) -> Result
         }
     }
     Ok(())
+}
+
+/// The sum of each block of a row, into the first `K/32` of `sums`.
+fn block_sums(xr: &[f32], sums: &mut [f32]) {
+    for (s, xb) in sums.iter_mut().zip(xr.chunks_exact(BLOCK)) {
+        *s = xb.iter().sum::<f32>();
+    }
 }
 
 /// `(first row, count)` for tiles of at most `max` rows covering `rows`.
@@ -465,29 +469,23 @@ mod avx512 {
                 for g in 0..wide {
                     let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
                     let q = scaled(v, dv);
-                    for (r, [a0, a1]) in acc.iter_mut().enumerate() {
+                    for (r, chains) in acc.iter_mut().enumerate() {
                         let xg = unsafe { xs.add(r * stride + g * 128) };
-                        let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
-                        *a0 = _mm512_fmadd_ps(q[0], ld(0), *a0);
-                        *a1 = _mm512_fmadd_ps(q[1], ld(1), *a1);
-                        *a0 = _mm512_fmadd_ps(q[2], ld(2), *a0);
-                        *a1 = _mm512_fmadd_ps(q[3], ld(3), *a1);
-                        *a0 = _mm512_fmadd_ps(q[4], ld(4), *a0);
-                        *a1 = _mm512_fmadd_ps(q[5], ld(5), *a1);
-                        *a0 = _mm512_fmadd_ps(q[6], ld(6), *a0);
-                        *a1 = _mm512_fmadd_ps(q[7], ld(7), *a1);
+                        for (t, q) in q.iter().enumerate() {
+                            chains[t % 2] =
+                                _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(xg.add(16 * t)) }, chains[t % 2]);
+                        }
                     }
                 }
                 if wide < ng {
                     let (v, dv) = unsafe { tail_group(qrow, dmrow, wide, nb - 4 * wide) };
                     let q = scaled_tail(v, dv);
-                    for (r, [a0, a1]) in acc.iter_mut().enumerate() {
+                    for (r, chains) in acc.iter_mut().enumerate() {
                         let xg = unsafe { xs.add(r * stride + wide * 128) };
-                        let ld = |i: usize| unsafe { _mm512_loadu_ps(xg.add(16 * i)) };
-                        *a0 = _mm512_fmadd_ps(q[0], ld(0), *a0);
-                        *a1 = _mm512_fmadd_ps(q[1], ld(1), *a1);
-                        *a0 = _mm512_fmadd_ps(q[2], ld(2), *a0);
-                        *a1 = _mm512_fmadd_ps(q[3], ld(3), *a1);
+                        for (t, q) in q.iter().enumerate() {
+                            chains[t % 2] =
+                                _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(xg.add(16 * t)) }, chains[t % 2]);
+                        }
                     }
                 }
                 let sum: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(acc[r][0], acc[r][1]));
@@ -706,18 +704,25 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn scaled(v: __m512i, d: __m512) -> [__m512; 8] {
-        let magic = _mm512_set1_epi32(0x4B00_0000);
         let offset = _mm512_mul_ps(d, _mm512_set1_ps(-8_388_608.0));
         let high = _mm512_srli_epi32::<12>(v);
         std::array::from_fn(|t| {
             let (x, s) = if t <= 4 { (v, t) } else { (high, t - 3) };
-            let mask = _mm512_set1_epi32(0x0F << (4 * s));
-            _mm512_fmadd_ps(
-                _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
-                d,
-                offset,
-            )
+            masked_times(x, _mm512_set1_epi32(0x0F << (4 * s)), d, offset)
         })
+    }
+
+    /// The nibble `mask` selects in each 32-bit lane of `x` (bits 4s..4s + 4, so `16^s·q`), times `d`, exactly:
+    /// `fma(2^23 + 16^s·q, d, −2^23·d)` with `offset = −2^23·d` (4 by 11 significant bits, 16^s ≤ 2^16).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn masked_times(x: __m512i, mask: __m512i, d: __m512, offset: __m512) -> __m512 {
+        let magic = _mm512_set1_epi32(0x4B00_0000);
+        _mm512_fmadd_ps(
+            _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
+            d,
+            offset,
+        )
     }
 
     /// Groups of 8 vectors: all but a tail group of 1 or 2 blocks, which packs its 64 weights in 4 vectors instead of
@@ -754,18 +759,13 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn scaled_tail(v: __m512i, d: __m512) -> [__m512; 4] {
-        let magic = _mm512_set1_epi32(0x4B00_0000);
         let offset = _mm512_mul_ps(d, _mm512_set1_ps(-8_388_608.0));
         let high = _mm512_srli_epi32::<12>(v);
         std::array::from_fn(|t| {
             let (x, s) = if t < 2 { (v, 2 * t) } else { (high, 2 * t - 3) };
             let (lo, hi) = (0x0F << (4 * s), 0x0F << (4 * (s + 1)));
             let mask = _mm512_setr_epi32(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi);
-            _mm512_fmadd_ps(
-                _mm512_castsi512_ps(_mm512_ternarylogic_epi32::<0xEA>(x, mask, magic)),
-                d,
-                offset,
-            )
+            masked_times(x, mask, d, offset)
         })
     }
 }

@@ -420,7 +420,7 @@ impl Q4Kernel<'_> {
             scratch.gate_up.resize(rows * n, 0.0);
         }
         let (out, gate_up) = (Out(ys.as_mut_ptr()), Out(scratch.gate_up.as_mut_ptr()));
-        let (matrix, isa, prepared, swiglu) = (&self.matrix, self.isa, &scratch.prepared, self.swiglu);
+        let (prepared, swiglu) = (&scratch.prepared, self.swiglu);
         // Tasks split the output columns evenly; with SwiGLU a task computes its gate and its up columns.
         let tasks = self.tasks.min(width);
         let task = move |i: usize| {
