@@ -418,12 +418,14 @@ mod avx512 {
     use std::ops::Range;
 
     /// A kernel body, run by the shared drivers [`columns`] and `panels`: tiles of up to 4 rows sharing each group's
-    /// vectors, and, from `PANEL_ROWS` rows, each column's vectors formed once into a panel that passes of up to 3 rows
-    /// over 4 columns read. Both must run each row's operations in the same order, so a row's result does not depend
+    /// vectors, and, from `PANEL_ROWS` rows, each column's vectors formed once into a panel that passes of up to
+    /// `PANEL_PASS` rows over 4 columns read. Both must run each row's operations in the same order, so a row's result does not depend
     /// on the rows beside it (a sequence gets the same bits alone, in a batch, or after a prefix-cache hit).
     pub(super) trait Body {
         /// Rows from which a call forms panels.
         const PANEL_ROWS: usize;
+        /// Rows per pass over a panel (of `PANEL_COLS` columns).
+        const PANEL_PASS: usize;
         /// Panel vectors per column.
         fn per_col(w: &Q4_1Matrix) -> usize;
         /// Rows `r0..r0 + R`, every column in `cols`.
@@ -448,6 +450,7 @@ mod avx512 {
         /// 8 rows (a batch of 8 streams) run faster as two tiles of 4: 120 layers on 2 threads, 12.4 against 12.9 ms
         /// in panels; 9 rows faster in panels, 13.9 against 15.1–15.4.
         const PANEL_ROWS: usize = 9;
+        const PANEL_PASS: usize = 4;
 
         fn per_col(w: &Q4_1Matrix) -> usize {
             w.groups() * 8 + w.min_vectors()
@@ -541,28 +544,23 @@ mod avx512 {
             let xs = unsafe { p.xs.as_ptr().add(r0 * stride) };
             let sums = unsafe { p.sums.as_ptr().add(r0 * nh * 16) };
             let col = |c: usize| unsafe { panel.as_ptr().add(c * per_col) };
-            let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
             let wide = full_groups(w.blocks());
-            for g in 0..ng {
-                // A tail group packs its 1 or 2 blocks in 4 vectors.
-                let steps = if g < wide { 8 } else { 4 };
-                for t in (0..steps).step_by(2) {
-                    let xg = |r: usize, t: usize| unsafe { _mm512_loadu_ps(xs.add(r * stride + g * 128 + 16 * t)) };
-                    for (half, t) in [t, t + 1].into_iter().enumerate() {
-                        let x: [__m512; R] = std::array::from_fn(|r| xg(r, t));
-                        for c in 0..C {
-                            let wt = unsafe { *col(c).add(g * 8 + t) };
-                            for r in 0..R {
-                                acc[r][c][half] = _mm512_fmadd_ps(wt, x[r], acc[r][c][half]);
-                            }
+            // The tile's two chains (even and odd t) are independent until they are added, so each runs over the whole
+            // column in turn: one accumulator per (row, column) at a time. Vector v of a chain is vector 2v + chain of
+            // the column, a tail group's 4 included.
+            let vectors = 4 * wide + if wide < ng { 2 } else { 0 };
+            let mut chains = [[[_mm512_setzero_ps(); C]; R]; 2];
+            for (chain, acc) in chains.iter_mut().enumerate() {
+                for v in 0..vectors {
+                    let i = 2 * v + chain;
+                    let x: [__m512; R] =
+                        std::array::from_fn(|r| unsafe { _mm512_loadu_ps(xs.add(r * stride + 16 * i)) });
+                    for c in 0..C {
+                        let wt = unsafe { *col(c).add(i) };
+                        for r in 0..R {
+                            acc[r][c] = _mm512_fmadd_ps(wt, x[r], acc[r][c]);
                         }
                     }
-                }
-            }
-            let mut sum = [[_mm512_setzero_ps(); C]; R];
-            for r in 0..R {
-                for c in 0..C {
-                    sum[r][c] = _mm512_add_ps(acc[r][c][0], acc[r][c][1]);
                 }
             }
             let mut minus = [[_mm512_setzero_ps(); C]; R];
@@ -576,9 +574,26 @@ mod avx512 {
                     }
                 }
             }
-            for r in 0..R {
-                for c in 0..C {
-                    unsafe { put(w, y, r0 + r, c0 + c, sum[r][c], minus[r][c]) };
+            let total =
+                |r: usize, c: usize| _mm512_add_ps(_mm512_add_ps(chains[0][r][c], chains[1][r][c]), minus[r][c]);
+            if C == 4 {
+                // Output (r, c) is vector 4c + r; rows past R are zeros and not stored.
+                let v: [__m512; 16] = std::array::from_fn(|i| {
+                    if i % 4 < R {
+                        total(i % 4, i / 4)
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                let lanes = reduce16(v);
+                for r in 0..R {
+                    unsafe { put4(w, y, r0 + r, c0, lanes, r) };
+                }
+            } else {
+                for r in 0..R {
+                    for c in 0..C {
+                        unsafe { *y.add((r0 + r) * w.n + c0 + c) = reduce(total(r, c)) };
+                    }
                 }
             }
         }
@@ -603,7 +618,6 @@ mod avx512 {
 
     /// Columns per panel and rows per pass over it.
     const PANEL_COLS: usize = 4;
-    const PANEL_PASS: usize = 3;
 
     thread_local! {
         /// The formed vectors of `PANEL_COLS` columns (`Body::dequantize`'s).
@@ -622,13 +636,15 @@ mod avx512 {
                 for (i, dst) in panel.chunks_exact_mut(per_col).take(width).enumerate() {
                     unsafe { B::dequantize(w, c + i, dst) };
                 }
-                for (r, rows) in row_tiles(p.rows, PANEL_PASS) {
+                for (r, rows) in row_tiles(p.rows, B::PANEL_PASS) {
                     let one = |i: usize| &panel[i * per_col..];
                     unsafe {
                         match (rows, width) {
+                            (4, 4) => B::pass::<4, 4>(w, p, panel, r, y, c),
                             (3, 4) => B::pass::<3, 4>(w, p, panel, r, y, c),
                             (2, 4) => B::pass::<2, 4>(w, p, panel, r, y, c),
                             (1, 4) => B::pass::<1, 4>(w, p, panel, r, y, c),
+                            (4, _) => (0..width).for_each(|i| B::pass::<4, 1>(w, p, one(i), r, y, c + i)),
                             (3, _) => (0..width).for_each(|i| B::pass::<3, 1>(w, p, one(i), r, y, c + i)),
                             (2, _) => (0..width).for_each(|i| B::pass::<2, 1>(w, p, one(i), r, y, c + i)),
                             _ => (0..width).for_each(|i| B::pass::<1, 1>(w, p, one(i), r, y, c + i)),
@@ -673,7 +689,58 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn put(w: &Q4_1Matrix, y: *mut f32, row: usize, col: usize, sum: __m512, minus: __m512) {
-        unsafe { *y.add(row * w.n + col) = _mm512_reduce_add_ps(_mm512_add_ps(sum, minus)) };
+        unsafe { *y.add(row * w.n + col) = reduce(_mm512_add_ps(sum, minus)) };
+    }
+
+    /// The sum of the 16 lanes in a fixed tree: lanes i and i + 8, then i and i + 4 of those, i and i + 2, 0 and 1
+    /// (`reduce16` pairs them alike, so a row's bits do not depend on which of the two sums it).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn reduce(v: __m512) -> f32 {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let a = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+        let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+        _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)))
+    }
+
+    /// 16 vectors reduced at once, in `reduce`'s tree: lane 4q + j of the result is `reduce(v[4j + q])`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn reduce16(v: [__m512; 16]) -> __m512 {
+        // Lanes i and i + 8 of each vector: two vectors' halves side by side.
+        let u: [__m512; 8] = std::array::from_fn(|p| {
+            let (a, b) = (v[2 * p], v[2 * p + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+        });
+        // i and i + 4: quarters 4p .. 4p + 4 of v, one per quarter.
+        let w: [__m512; 4] = std::array::from_fn(|p| {
+            let (a, b) = (u[2 * p], u[2 * p + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        });
+        // i and i + 2, within each quarter.
+        let z: [__m512; 2] = std::array::from_fn(|p| {
+            let (a, b) = (w[2 * p], w[2 * p + 1]);
+            _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b))
+        });
+        // 0 and 1.
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(z[0], z[1]),
+            _mm512_shuffle_ps::<0xDD>(z[0], z[1]),
+        )
+    }
+
+    /// Quarter `q` of `lanes` (`reduce16`'s) into `y[row][col..col + 4]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn put4(w: &Q4_1Matrix, y: *mut f32, row: usize, col: usize, lanes: __m512, q: usize) {
+        let quarter = match q {
+            0 => _mm512_extractf32x4_ps::<0>(lanes),
+            1 => _mm512_extractf32x4_ps::<1>(lanes),
+            2 => _mm512_extractf32x4_ps::<2>(lanes),
+            _ => _mm512_extractf32x4_ps::<3>(lanes),
+        };
+        unsafe { _mm_storeu_ps(y.add(row * w.n + col), quarter) };
     }
 
     /// The scales and the minimums of blocks `16h..16h + 16` of a column (`nb` blocks), zeros past the last.
@@ -940,6 +1007,40 @@ mod tests {
                 unsafe { m.columns(isa, &p, pieces.as_mut_ptr(), 0..n) };
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&pieces), bits(&whole), "{isa:?}");
+            }
+        }
+    }
+
+    /// The fixed tree of `avx512::reduce`: lanes i and i + 8, then i and i + 4, i and i + 2, 0 and 1.
+    fn tree(v: [f32; 16]) -> f32 {
+        let a: [f32; 8] = std::array::from_fn(|i| v[i] + v[i + 8]);
+        let b: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
+        (b[0] + b[2]) + (b[1] + b[3])
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_sums_at_once_get_the_bits_of_one_at_a_time() {
+        use std::arch::x86_64::*;
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        let mut rng = Rng(17);
+        for _ in 0..200 {
+            // Magnitudes 2^-20 .. 2^20 and both signs, so the order of the additions shows in the bits.
+            let v: [[f32; 16]; 16] =
+                std::array::from_fn(|_| std::array::from_fn(|_| rng.f() * 2f32.powi((rng.next() % 41) as i32 - 20)));
+            // SAFETY: the CPU has AVX-512 (checked above); the arrays are 16 floats.
+            let (one, all) = unsafe {
+                let vecs: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(v[i].as_ptr()));
+                let one: [f32; 16] = std::array::from_fn(|i| avx512::reduce(vecs[i]));
+                let mut all = [0f32; 16];
+                _mm512_storeu_ps(all.as_mut_ptr(), avx512::reduce16(vecs));
+                (one, all)
+            };
+            for i in 0..16 {
+                assert_eq!(one[i].to_bits(), tree(v[i]).to_bits(), "vector {i}");
+                assert_eq!(all[4 * (i % 4) + i / 4].to_bits(), one[i].to_bits(), "vector {i}");
             }
         }
     }
