@@ -407,6 +407,9 @@ pub fn f16_to_f32(h: u16) -> f32 {
 mod bf16;
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::reduce;
+
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! The AVX-512 drivers (`columns`, `panels`), shared by both bodies through `Body`, and the exact f32 body
     //! (`Exact`): 4 blocks (64 bytes of nibbles) per step, nibble t of every 32-bit lane turned into `16^s·q·d` with
@@ -696,7 +699,7 @@ mod avx512 {
     /// (`reduce16` pairs them alike, so a row's bits do not depend on which of the two sums it).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) fn reduce(v: __m512) -> f32 {
+    pub(crate) fn reduce(v: __m512) -> f32 {
         let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         let a = _mm256_add_ps(_mm512_castps512_ps256(v), high);
         let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));

@@ -20,7 +20,7 @@
 
 use super::attention_op::Attention;
 use lambda_llm_kernels::q4_1::{Isa, Prepared, Q4_1Matrix};
-use lambda_llm_kernels::q8_0::{Prepared8, Q8_0Matrix};
+use lambda_llm_kernels::q8_0::Q8_0Matrix;
 use lambda_llm_kernels::{norm, swiglu};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::value::{TensorElementType, TensorValueType, ValueRef};
@@ -125,24 +125,17 @@ pub struct Q8Kernel<'w> {
     tasks: usize,
 }
 
-thread_local! {
-    static SCRATCH8: std::cell::RefCell<Prepared8> = std::cell::RefCell::new(Prepared8::default());
-}
-
 impl Kernel for Q8Kernel<'_> {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let (k, n) = (self.matrix.k, self.matrix.n);
-        with_io(ctx, OP_Q8, k, n, |_, xs, rows, ys| {
-            SCRATCH8.with_borrow_mut(|prepared| {
-                self.matrix.prepare(xs, rows, prepared);
-                let (matrix, isa, prepared, out) = (&self.matrix, self.isa, &*prepared, Out(ys.as_mut_ptr()));
-                let tasks = self.tasks.min(n);
-                let task = move |i: usize| {
-                    // SAFETY: `ys` holds rows × N floats and each task owns its columns.
-                    unsafe { matrix.columns(isa, xs, prepared, out.get(), i * n / tasks..(i + 1) * n / tasks) }
-                };
-                run_tasks(ctx, tasks, &task)
-            })
+        with_io(ctx, OP_Q8, k, n, |_, xs, _, ys| {
+            let (matrix, isa, out) = (&self.matrix, self.isa, Out(ys.as_mut_ptr()));
+            let tasks = self.tasks.min(n);
+            let task = move |i: usize| {
+                // SAFETY: `ys` holds rows × N floats and each task owns its columns.
+                unsafe { matrix.columns(isa, xs, out.get(), i * n / tasks..(i + 1) * n / tasks) }
+            };
+            run_tasks(ctx, tasks, &task)
         })
     }
 }
