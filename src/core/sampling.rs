@@ -113,13 +113,11 @@ impl LogitsProcessor {
         self.mark_seen(token);
     }
 
-    /// Applies logit bias and penalties in place; NaN logits become −∞ so they can never be chosen.
-    pub fn process(&self, logits: &mut [f32]) {
-        for l in logits.iter_mut() {
-            if l.is_nan() {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+    /// The model's logits `raw` into `logits` with logit bias and penalties applied; NaN logits become −∞ so they
+    /// can never be chosen (one pass copies and replaces them).
+    pub fn process(&self, raw: &[f32], logits: &mut Vec<f32>) {
+        logits.clear();
+        logits.extend(raw.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }));
         for &(id, bias) in &self.params.logit_bias {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l += bias;
@@ -229,15 +227,24 @@ fn nucleus(cands: &mut Vec<(u32, f32)>, top_p: f32) {
 
 /// Index of the largest logit; the lowest id wins ties, NaN never wins.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best = i;
-            best_v = v;
+    // The maximum over 16 lanes (a comparison NaN never wins, so the compiler's vector max keeps this meaning), then
+    // its first position: 2 vector passes instead of one branchy scalar one.
+    const LANES: usize = 16;
+    let chunks = logits.chunks_exact(LANES);
+    let keep = |m: f32, v: f32| if v > m { v } else { m };
+    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| keep(m, v));
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = keep(*m, v);
         }
     }
-    best as u32
+    max = lanes.into_iter().fold(max, keep);
+    if max == f32::NEG_INFINITY {
+        // Nothing above −∞ (or all NaN): the first id, as a scan keeping the first strictly greater value gives.
+        return 0;
+    }
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// A uniform draw in [0, 1) with 53 bits of precision.
@@ -281,6 +288,43 @@ mod tests {
         SamplingParams {
             seed: Some(seed),
             ..SamplingParams::default()
+        }
+    }
+
+    /// The scan `argmax` replaced: the first strictly greater value wins, NaN never does.
+    fn scan(logits: &[f32]) -> u32 {
+        let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
+        for (i, &v) in logits.iter().enumerate() {
+            if v > best_v {
+                (best, best_v) = (i, v);
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_of_a_vocabulary_is_the_first_maximum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for n in [1, 15, 16, 17, 49_152, 49_157] {
+            for _ in 0..20 {
+                let mut v: Vec<f32> = (0..n).map(|_| (uniform(&mut rng) * 40.0 - 20.0) as f32).collect();
+                // The maximum again at later places (ties across lanes and in the tail), and some NaN.
+                let top = v.iter().copied().fold(f32::MIN, f32::max);
+                for _ in 0..3 {
+                    let i = (rng.next_u64() % n as u64) as usize;
+                    v[i] = top;
+                }
+                let i = (rng.next_u64() % n as u64) as usize;
+                v[i] = f32::NAN;
+                assert_eq!(argmax(&v), scan(&v), "n = {n}");
+            }
+        }
+        for v in [
+            vec![f32::NAN, f32::NEG_INFINITY],
+            vec![f32::NEG_INFINITY; 40],
+            vec![f32::NAN; 33],
+        ] {
+            assert_eq!(argmax(&v), scan(&v));
         }
     }
 
@@ -388,8 +432,8 @@ mod tests {
         for t in [2, 3, 2] {
             p.observe(t);
         }
-        let mut logits = vec![1.0, 2.0, -2.0, 4.0, 3.0];
-        p.process(&mut logits);
+        let mut logits = Vec::new();
+        p.process(&[1.0, 2.0, -2.0, 4.0, 3.0], &mut logits);
         assert_eq!(logits[0], 2.0); // bias only
         assert_eq!(logits[1], 1.0); // repetition (prompt): 2 / 2
         assert_eq!(logits[2], -4.0 - 0.5 - 0.5); // repetition ×2, presence, frequency × 2
@@ -400,8 +444,8 @@ mod tests {
     #[test]
     fn nan_logits_are_never_chosen() {
         let p = LogitsProcessor::new(seeded(3), 3, &[]);
-        let mut logits = vec![f32::NAN, 0.0, f32::NAN];
-        p.process(&mut logits);
+        let mut logits = Vec::new();
+        p.process(&[f32::NAN, 0.0, f32::NAN], &mut logits);
         assert_eq!(draws(seeded(3), &logits, 50), vec![1; 50]);
     }
 

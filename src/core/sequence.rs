@@ -117,9 +117,7 @@ impl Sequence {
             self.done = true;
             return Ok(None);
         }
-        self.logits.clear();
-        self.logits.extend_from_slice(logits);
-        self.proc.process(&mut self.logits);
+        self.proc.process(logits, &mut self.logits);
         let tok = self.proc.sample(&self.logits);
         if self.token_ids.is_empty() {
             self.first_token = self.start.elapsed();
