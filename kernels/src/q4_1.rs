@@ -422,8 +422,9 @@ mod avx512 {
 
     /// A kernel body, run by the shared drivers [`columns`] and `panels`: tiles of up to 4 rows sharing each group's
     /// vectors, and, from `PANEL_ROWS` rows, each column's vectors formed once into a panel that passes of up to
-    /// `PANEL_PASS` rows over 4 columns read. Both must run each row's operations in the same order, so a row's result does not depend
-    /// on the rows beside it (a sequence gets the same bits alone, in a batch, or after a prefix-cache hit).
+    /// `PANEL_PASS` rows over 4 columns read. Both must run each row's operations in the same order, so a row's result
+    /// does not depend on the rows beside it (a sequence gets the same bits alone, in a batch, or after a prefix-cache
+    /// hit).
     pub(super) trait Body {
         /// Rows from which a call forms panels.
         const PANEL_ROWS: usize;
