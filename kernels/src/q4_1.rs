@@ -475,25 +475,11 @@ mod avx512 {
                 let wide = full_groups(nb);
                 for g in 0..wide {
                     let (v, dv) = unsafe { group(qrow, dmrow, g, nb - 4 * g) };
-                    let q = scaled(v, dv, R > 1);
-                    for (r, chains) in acc.iter_mut().enumerate() {
-                        let xg = unsafe { xs.add(r * stride + g * 128) };
-                        for (t, q) in q.iter().enumerate() {
-                            chains[t % 2] =
-                                _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(xg.add(16 * t)) }, chains[t % 2]);
-                        }
-                    }
+                    unsafe { add_group(&mut acc, &scaled(v, dv, R > 1), xs.add(g * 128), stride) };
                 }
                 if wide < ng {
                     let (v, dv) = unsafe { tail_group(qrow, dmrow, wide, nb - 4 * wide) };
-                    let q = scaled_tail(v, dv, R > 1);
-                    for (r, chains) in acc.iter_mut().enumerate() {
-                        let xg = unsafe { xs.add(r * stride + wide * 128) };
-                        for (t, q) in q.iter().enumerate() {
-                            chains[t % 2] =
-                                _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(xg.add(16 * t)) }, chains[t % 2]);
-                        }
-                    }
+                    unsafe { add_group(&mut acc, &scaled_tail(v, dv, R > 1), xs.add(wide * 128), stride) };
                 }
                 let sum: [__m512; R] = std::array::from_fn(|r| _mm512_add_ps(acc[r][0], acc[r][1]));
                 let mut minus = [_mm512_setzero_ps(); R];
@@ -599,6 +585,24 @@ mod avx512 {
                         unsafe { *y.add((r0 + r) * w.n + c0 + c) = reduce(total(r, c)) };
                     }
                 }
+            }
+        }
+    }
+
+    /// A group's weight vectors `q` times each row's activations for it (row r at `xg + r·stride`), vector t into the
+    /// row's chain t % 2: the tile's step, for a full group (8 vectors) and a tail group (4) alike.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_group<const R: usize, const T: usize>(
+        acc: &mut [[__m512; 2]; R],
+        q: &[__m512; T],
+        xg: *const f32,
+        stride: usize,
+    ) {
+        for (r, chains) in acc.iter_mut().enumerate() {
+            let xr = unsafe { xg.add(r * stride) };
+            for (t, q) in q.iter().enumerate() {
+                chains[t % 2] = _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(xr.add(16 * t)) }, chains[t % 2]);
             }
         }
     }
