@@ -78,7 +78,7 @@ test-rust:
 	cd fuzz && cargo check --locked --target-dir $(CACHE)/target-fuzz-check
 
 test-python:
-	$(PY) -m pytest model-artifacts/tests -q
+	$(PY) -m pytest model-artifacts/tests bench/tests -q
 
 # Real clients against a real `lambda-llm serve`: the openai SDK 1.x, and the legacy 0.28.1 in its own venv.
 test-clients: $(CLIENT_VENV)/.ok $(LEGACY_VENV)/.ok

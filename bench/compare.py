@@ -14,7 +14,8 @@
    `lambda-llm bench --streams 0 --profile`: each operator type's share of a decode step and of the chat prompt;
    then bench/fidelity.py once: llama.cpp's and python-ort's next-token argmax against the fp32 reference at the
    converter's 128 teacher-forced positions (model-artifacts/measure.py).
-4. Medians per engine, ratios ours / llama.cpp, ours / python-ort and bf16 / llama.cpp, written to --out
+4. Medians per engine; ratios ours / llama.cpp, ours / python-ort and bf16 / llama.cpp per pair (the two runs of
+   one round), reported as the median pair with the lowest and highest; written to --out
    (markdown, with the profiles), a chart (ratios.png beside --out) and the raw runs (--out with .json). A failed
    run is an error cell, never a crash.
 """
@@ -159,8 +160,29 @@ def fmt(v) -> str:
     return "—" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
 
 
+def pair_ratios(runs: list[dict], mine: str, other: str, t: int, key: str, prompt: str | None) -> list[float]:
+    """mine / other in each round at `t` threads where both ran (the two runs side by side), in round order."""
+    by_round = {}
+    for r in runs:
+        if r["threads"] == t and r["engine"] in (mine, other) and r.get("result"):
+            v = value(r["result"], key, prompt)
+            if isinstance(v, (int, float)):
+                by_round.setdefault(r["round"], {})[r["engine"]] = v
+    return [vals[mine] / vals[other] for _, vals in sorted(by_round.items())
+            if mine in vals and vals.get(other)]
+
+
+def ratio_cell(pairs: list[float]) -> str:
+    """The median of the per-pair ratios, with the lowest and highest pair when there are several."""
+    if not pairs:
+        return "—"
+    cell = f"{statistics.median(pairs):.2f}×"
+    return cell + (f" ({min(pairs):.2f}–{max(pairs):.2f})" if len(pairs) > 1 else "")
+
+
 def build_tables(runs: list[dict], threads: list[int], engines: list[str]) -> tuple[list[str], list[dict]]:
-    """Markdown lines of one table per thread count, and the ratios for the chart."""
+    """Markdown lines of one table per thread count, and the ratios for the chart: each engine's median, and each
+    ratio as the median of its per-pair (per-round) ratios."""
     lines, ratios = [], []
     pairs = [(a, b, label) for a, b, label in RATIOS if a in engines and b in engines]
     for t in threads:
@@ -170,17 +192,17 @@ def build_tables(runs: list[dict], threads: list[int], engines: list[str]) -> tu
                   "|---|---|" + "--:|" * (len(engines) + len(pairs))]
         for key, label, per_prompt, _ in METRICS:
             for prompt in (PROMPTS if per_prompt else [None]):
-                cells, med = [], {}
+                cells = []
                 for eng in engines:
                     m, ok, n = median_of(runs, eng, t, key, prompt)
-                    med[eng] = m
                     cells.append("error" if n and not ok else fmt(m) + ("" if ok == n else f" ({ok}/{n} ok)"))
                 row = [label, prompt or "(per process)"] + cells
                 for mine, other, _ in pairs:
-                    r = med[mine] / med[other] if med[mine] is not None and med[other] else None
-                    row.append("—" if r is None else f"{r:.2f}×")
+                    per_pair = pair_ratios(runs, mine, other, t, key, prompt)
+                    row.append(ratio_cell(per_pair))
                     ratios.append({"threads": t, "metric": label, "prompt": prompt, "of": mine, "vs": other,
-                                   "ratio": r})
+                                   "ratio": statistics.median(per_pair) if per_pair else None,
+                                   "pairs": per_pair})
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return lines, ratios
@@ -213,7 +235,7 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(names), fontsize=8)
     fig.suptitle("lambda-llm (exact; bf16 = KERNELS=bf16) relative to llama.cpp and Python ONNX Runtime "
-                 "(medians; 1.0 = equal)")
+                 "(median per-pair ratios; 1.0 = equal)")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     try:
         fig.savefig(path, dpi=110)
@@ -455,7 +477,9 @@ def main(argv=None) -> int:
           f"process; greedy, EOS ignored, {max(a.new_tokens, 2)} new tokens; prompts (identical token ids for all "
           "engines): " + ", ".join(f"{p['name']} = {len(p['prompt_ids'])} tokens" for p in prompts) + ". Medians.",
           f"- Load average at the end: {load_end}", *agreement(runs), "",
-          "Ratios are ours / other: above 1 is better for tok/s, below 1 is better for ms and MiB. "
+          "Ratios are ours / other per pair (the two engines' runs of one round, side by side): the median "
+          "pair, with the lowest and highest pair in brackets; above 1 is better for tok/s, below 1 is better for ms "
+          "and MiB. "
           "TTFT = prefill + first argmax. Load excludes process start and imports; warm-up is a 2-token and a "
           "1-token forward in every engine. Peak RSS is the whole process (for the Python engines: interpreter, "
           "numpy and the binding included). llama.cpp runs the original Q4_1 GGUF; python-ort runs model.onnx "
