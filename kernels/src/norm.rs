@@ -3,11 +3,14 @@
 //! (`tests/norm.rs`). Its plain `SimplifiedLayerNormalization` sums in another order: without a residual, this is not
 //! that node's arithmetic.
 
-/// `s = x + skip` (or `x`), written to `sum` when asked; `out = s / sqrt(Σ s² / K + eps) · gamma`, every step in f32
-/// in ONNX Runtime's order (the squares summed one by one from the first, a division then a product per element).
+/// For every row of `x` (`[rows][K]`, K = `gamma.len()`): `s = x + skip` (or `x`), written to `sum` when asked;
+/// `out = s / sqrt(Σ s² / K + eps) · gamma`, every step in f32 in ONNX Runtime's order (the squares summed one by one
+/// from the first, a division then a product per element). Up to 8 rows sum their squares side by side: each row's
+/// sum is one chain of K dependent additions, so one row at a time waited on the adder's latency (a 162-token prompt's
+/// 60 norms: 1.6 % of its time).
 pub fn rms_norm(x: &[f32], skip: Option<&[f32]>, gamma: &[f32], eps: f32, sum: Option<&mut [f32]>, out: &mut [f32]) {
-    let k = x.len();
-    assert!(gamma.len() == k && out.len() == k && skip.is_none_or(|s| s.len() == k));
+    let k = gamma.len();
+    assert!(k > 0 && x.len().is_multiple_of(k) && out.len() == x.len() && skip.is_none_or(|s| s.len() == x.len()));
     match skip {
         Some(skip) => {
             for ((o, &a), &b) in out.iter_mut().zip(x).zip(skip) {
@@ -19,14 +22,39 @@ pub fn rms_norm(x: &[f32], skip: Option<&[f32]>, gamma: &[f32], eps: f32, sum: O
     if let Some(sum) = sum {
         sum.copy_from_slice(out);
     }
-    let mut squares = 0f32;
-    for &v in out.iter() {
-        squares += v * v;
+    for rows in out.chunks_mut(8 * k) {
+        let mut sq = [0f32; 8];
+        let n = rows.len() / k;
+        match n {
+            1 => sq[..1].copy_from_slice(&squares::<1>(rows, k)),
+            2 => sq[..2].copy_from_slice(&squares::<2>(rows, k)),
+            3 => sq[..3].copy_from_slice(&squares::<3>(rows, k)),
+            4 => sq[..4].copy_from_slice(&squares::<4>(rows, k)),
+            5 => sq[..5].copy_from_slice(&squares::<5>(rows, k)),
+            6 => sq[..6].copy_from_slice(&squares::<6>(rows, k)),
+            7 => sq[..7].copy_from_slice(&squares::<7>(rows, k)),
+            _ => sq = squares::<8>(rows, k),
+        }
+        for (row, &squares) in rows.chunks_exact_mut(k).zip(&sq) {
+            let rms = (squares / k as f32 + eps).sqrt();
+            for (o, &g) in row.iter_mut().zip(gamma) {
+                *o = *o / rms * g;
+            }
+        }
     }
-    let rms = (squares / k as f32 + eps).sqrt();
-    for (o, &g) in out.iter_mut().zip(gamma) {
-        *o = *o / rms * g;
+}
+
+/// `Σ v²` of each of the `R` rows of `rows` (`[R][k]`), each in order from its first element, the rows side by side.
+fn squares<const R: usize>(rows: &[f32], k: usize) -> [f32; R] {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &rows[r * k..(r + 1) * k]);
+    let mut acc = [0f32; R];
+    for i in 0..k {
+        for (a, row) in acc.iter_mut().zip(rows) {
+            let v = row[i];
+            *a += v * v;
+        }
     }
+    acc
 }
 
 #[cfg(test)]

@@ -388,17 +388,16 @@ impl Q4Kernel<'_> {
             let x = match norm {
                 None => &xs[r0 * k..r1 * k],
                 Some(norm) => {
-                    for r in r0..r1 {
-                        // SAFETY: `normed` and the sum output hold rows × K floats; each task owns its rows.
-                        let (out, sum) = unsafe {
-                            (
-                                std::slice::from_raw_parts_mut(normed.get().add(r * k), k),
-                                sum.map(|s| std::slice::from_raw_parts_mut(s.get().add(r * k), k)),
-                            )
-                        };
-                        let skip = skip.map(|s| &s[r * k..(r + 1) * k]);
-                        norm::rms_norm(&xs[r * k..(r + 1) * k], skip, norm.gamma, norm.epsilon, sum, out);
-                    }
+                    let len = (r1 - r0) * k;
+                    // SAFETY: `normed` and the sum output hold rows × K floats; each task owns its rows.
+                    let (out, sum) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(normed.get().add(r0 * k), len),
+                            sum.map(|s| std::slice::from_raw_parts_mut(s.get().add(r0 * k), len)),
+                        )
+                    };
+                    let skip = skip.map(|s| &s[r0 * k..r1 * k]);
+                    norm::rms_norm(&xs[r0 * k..r1 * k], skip, norm.gamma, norm.epsilon, sum, out);
                     // SAFETY: as above; this task has just written these rows.
                     unsafe { std::slice::from_raw_parts(normed.get().add(r0 * k), (r1 - r0) * k) }
                 }
