@@ -6,8 +6,8 @@
 /// For every row of `x` (`[rows][K]`, K = `gamma.len()`): `s = x + skip` (or `x`), written to `sum` when asked;
 /// `out = s / sqrt(Σ s² / K + eps) · gamma`, every step in f32 in ONNX Runtime's order (the squares summed one by one
 /// from the first, a division then a product per element). Up to 8 rows sum their squares side by side: each row's
-/// sum is one chain of K dependent additions, so one row at a time waited on the adder's latency (a 162-token prompt's
-/// 60 norms: 1.6 % of its time).
+/// sum is one chain of K dependent additions, so one row at a time waited on the adder's latency (162 rows of 576: 110
+/// → 55 µs on one thread).
 pub fn rms_norm(x: &[f32], skip: Option<&[f32]>, gamma: &[f32], eps: f32, sum: Option<&mut [f32]>, out: &mut [f32]) {
     let k = gamma.len();
     assert!(k > 0 && x.len().is_multiple_of(k) && out.len() == x.len() && skip.is_none_or(|s| s.len() == x.len()));

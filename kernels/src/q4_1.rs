@@ -189,7 +189,11 @@ impl<'w> Q4_1Matrix<'w> {
         p.rows = rows;
         let (xs, xh, sums) = match isa {
             Isa::Portable => (rows * self.k, 0, rows * self.blocks()),
-            Isa::Avx512 => (rows * ng * 128, 0, rows * nh * 16),
+            Isa::Avx512 => {
+                // `fill_rows` runs AVX-512 for it: refuse the ISA where the instructions are missing.
+                assert!(Isa::detect() == Isa::Avx512, "Isa::Avx512 on a CPU without AVX-512");
+                (rows * ng * 128, 0, rows * nh * 16)
+            }
             Isa::Avx512Bf16 => {
                 // A caller may name this ISA on any CPU: refuse it where the instructions are missing.
                 assert!(
@@ -246,7 +250,7 @@ impl<'w> Q4_1Matrix<'w> {
                     sums[nb..].fill(0.0);
                     block_sums(xr, sums);
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Isa::Avx512` is only named where the CPU has it (`Isa::detect`).
+                    // SAFETY: `prepare_begin` checked that the CPU has the instructions.
                     unsafe {
                         avx512::arrange(xr, nb, xs)
                     };
