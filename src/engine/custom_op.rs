@@ -398,8 +398,7 @@ impl Q4Kernel<'_> {
                     };
                     let skip = skip.map(|s| &s[r0 * k..r1 * k]);
                     norm::rms_norm(&xs[r0 * k..r1 * k], skip, norm.gamma, norm.epsilon, sum, out);
-                    // SAFETY: as above; this task has just written these rows.
-                    unsafe { std::slice::from_raw_parts(normed.get().add(r0 * k), (r1 - r0) * k) }
+                    &*out
                 }
             };
             // SAFETY: `filled` is this call's, sized for `rows` rows; each task fills its own.
