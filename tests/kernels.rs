@@ -50,13 +50,14 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 #[test]
-fn the_kernel_is_used_where_the_cpu_has_avx512_and_onnx_runtime_elsewhere() {
+fn the_kernel_is_used_where_the_cpu_has_avx512_or_avx2_and_onnx_runtime_elsewhere() {
     let fast = load(Kernels::Auto);
     let ort = load(Kernels::Ort);
     let bf16 = load(Kernels::Bf16);
     assert_eq!(ort.model.kernels(), "onnxruntime (model.onnx)");
     let exact = match Isa::detect() {
         Isa::Avx512 => "lambda-llm q4_1 avx512 (model.fast.onnx)",
+        Isa::Avx2 => "lambda-llm q4_1 avx2 (model.fast.onnx)",
         _ => "onnxruntime (model.onnx)",
     };
     assert_eq!(fast.model.kernels(), exact);

@@ -26,6 +26,11 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, sco
         // SAFETY: the CPU has the instructions.
         return unsafe { attend_avx512(q, keys, values, n, scale, scores, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the instructions.
+        return unsafe { attend_avx2(q, keys, values, n, scale, scores, out) };
+    }
     attend_any(q, keys, values, n, scale, scores, out)
 }
 
@@ -80,6 +85,118 @@ unsafe fn attend_avx512(
         scores[j] = score(q, &keys[j * d..(j + 1) * d], scale);
     }
     unsafe { softmax_times_values_avx512(values, n, scores, out) }
+}
+
+/// The AVX-512 body's scheme in AVX2 registers: each key's 16 lanes as two vectors, 8 keys at a time summed by one
+/// butterfly in `sum`'s order, then `softmax_times_values_avx2`; the same bits as the portable body.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    prepare(q, keys, values, n, out, scores);
+    let whole = if d == 4 * LANES { n - n % 8 } else { 0 };
+    if whole > 0 {
+        let qv: [__m256; 8] = std::array::from_fn(|c| unsafe { _mm256_loadu_ps(q.as_ptr().add(c * 8)) });
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (chunk, dst) in scores[..whole].chunks_exact_mut(8).enumerate() {
+            let base = unsafe { keys.as_ptr().add(chunk * 8 * d) };
+            // Key l's lanes 0–7 and 8–15 (`score`'s 16 lanes), then lane i + lane i + 8.
+            let p: [__m256; 8] = std::array::from_fn(|l| {
+                let mut acc = [_mm256_setzero_ps(); 2];
+                for (c, qc) in qv.iter().enumerate() {
+                    acc[c % 2] = _mm256_fmadd_ps(*qc, unsafe { _mm256_loadu_ps(base.add(l * d + c * 8)) }, acc[c % 2]);
+                }
+                _mm256_add_ps(acc[0], acc[1])
+            });
+            // + 4: keys 2m and 2m + 1 in the low and high halves.
+            let h: [__m256; 4] = std::array::from_fn(|m| {
+                let (a, b) = (p[2 * m], p[2 * m + 1]);
+                _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(a, b),
+                    _mm256_permute2f128_ps::<0x31>(a, b),
+                )
+            });
+            // + 2, then + 1: the low halves hold keys 0, 2, 4, 6, the high ones 1, 3, 5, 7.
+            let r: [__m256; 2] = std::array::from_fn(|m| {
+                let (a, b) = (h[2 * m], h[2 * m + 1]);
+                _mm256_add_ps(_mm256_shuffle_ps::<0x44>(a, b), _mm256_shuffle_ps::<0xEE>(a, b))
+            });
+            let t = _mm256_add_ps(
+                _mm256_shuffle_ps::<0x88>(r[0], r[1]),
+                _mm256_shuffle_ps::<0xDD>(r[0], r[1]),
+            );
+            let sums = _mm256_permutevar8x32_ps(t, order);
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_mul_ps(sums, _mm256_set1_ps(scale))) };
+        }
+    }
+    for j in whole..n {
+        scores[j] = score(q, &keys[j * d..(j + 1) * d], scale);
+    }
+    unsafe { softmax_times_values_avx2(values, n, scores, out) }
+}
+
+/// `softmax_times_values` in AVX2 registers, lane for lane the same operations: each 16-lane step as two vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_times_values_avx2(values: &[f32], n: usize, scores: &mut [f32], out: &mut [f32]) {
+    use crate::q4_1::reduce8;
+    use std::arch::x86_64::*;
+    let d = out.len();
+    let vectors = scores.len() / 8;
+    let base = scores.as_mut_ptr();
+    let at = |c: usize| unsafe { base.add(c * 8) };
+    // `max(score, top)` keeps `top` for a NaN score, as `f32::max` does.
+    let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in 0..vectors {
+        top = _mm256_max_ps(unsafe { _mm256_loadu_ps(at(c)) }, top);
+    }
+    let top = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps::<1>(top));
+    let top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+    let top = _mm256_set1_ps(_mm_cvtss_f32(_mm_max_ss(top, _mm_movehdup_ps(top))));
+    // Lanes 0–7 and 8–15 of the portable sum.
+    let mut total = [_mm256_setzero_ps(); 2];
+    for c in 0..vectors {
+        let e = crate::exp::exp_avx2(_mm256_sub_ps(unsafe { _mm256_loadu_ps(at(c)) }, top));
+        // The padding past `n` (−∞ − top) weighs nothing.
+        let live = n.saturating_sub(c * 8).min(8) as i32;
+        let keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+            _mm256_set1_epi32(live),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        ));
+        let e = _mm256_and_ps(e, keep);
+        unsafe { _mm256_storeu_ps(at(c), e) };
+        total[c % 2] = _mm256_add_ps(total[c % 2], e);
+    }
+    let inv = _mm256_set1_ps(1.0 / reduce8(_mm256_add_ps(total[0], total[1])));
+    for c in 0..vectors {
+        unsafe { _mm256_storeu_ps(at(c), _mm256_mul_ps(_mm256_loadu_ps(at(c)), inv)) };
+    }
+    let p = base.cast_const();
+    let mut start = 0;
+    while start < d {
+        let width = ((d - start) / 8).min(8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for j in 0..n {
+            let pj = _mm256_set1_ps(unsafe { *p.add(j) });
+            let v = unsafe { values.as_ptr().add(j * d + start) };
+            for (c, a) in acc.iter_mut().enumerate().take(width) {
+                *a = _mm256_fmadd_ps(pj, unsafe { _mm256_loadu_ps(v.add(c * 8)) }, *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate().take(width) {
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(start + c * 8), *a) };
+        }
+        start += width * 8;
+    }
 }
 
 /// `softmax_times_values` in AVX-512 registers, lane for lane the same operations (so the same bits): the maximum,
@@ -283,6 +400,25 @@ mod tests {
             return;
         }
         println!("no AVX-512 here: one body only");
+    }
+
+    /// The AVX2 body (8 keys at a time, other head sizes a key at a time) gives the portable body's bits.
+    #[test]
+    fn eight_keys_at_a_time_in_avx2_give_the_bits_of_one_at_a_time() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let mut seed = 13u64;
+            for (n, d) in [(1, 64), (17, 64), (129, 64), (40, 32), (5, 48)] {
+                let (q, k, v) = case(&mut seed, n, d);
+                let (mut fast, mut slow) = (vec![0f32; d], vec![0f32; d]);
+                unsafe { attend_avx2(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut fast) };
+                attend_any(&q, &k, &v, n, 0.125, &mut Vec::new(), &mut slow);
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "{n} keys of {d}");
+            }
+            return;
+        }
+        println!("no AVX2 here: one body only");
     }
 
     #[test]

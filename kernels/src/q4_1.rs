@@ -107,6 +107,8 @@ pub enum Isa {
     /// AVX-512 with its BF16 dot product: the activations rounded to bfloat16 (2⁻⁸ relative), 32 products per
     /// instruction; faster, not exact (see `bf16`). Only on request: `detect` never picks it.
     Avx512Bf16,
+    /// AVX2 with FMA and F16C, for x86-64 CPUs without AVX-512: the exact f32 body on 256-bit registers (`avx2`).
+    Avx2,
     Portable,
 }
 
@@ -120,7 +122,26 @@ impl Isa {
         {
             return Isa::Avx512;
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
         Isa::Portable
+    }
+
+    /// Every exact ISA this CPU runs, the portable code first (an AVX-512 CPU runs AVX2 too).
+    pub fn available() -> Vec<Self> {
+        let mut isas = vec![Isa::Portable];
+        if matches!(Self::detect(), Isa::Avx2 | Isa::Avx512) {
+            isas.push(Isa::Avx2);
+        }
+        if Self::detect() == Isa::Avx512 {
+            isas.push(Isa::Avx512);
+        }
+        isas
     }
 
     /// `Avx512Bf16` where the CPU has AVX-512 and its BF16 dot product, else `None`.
@@ -202,6 +223,18 @@ impl<'w> Q4_1Matrix<'w> {
                 );
                 (0, rows * ng * 128, rows * nh * 32)
             }
+            Isa::Avx2 => {
+                assert!(
+                    matches!(Isa::detect(), Isa::Avx2 | Isa::Avx512),
+                    "Isa::Avx2 on a CPU without AVX2, FMA and F16C"
+                );
+                let nb = self.blocks();
+                (
+                    rows * avx2::groups(nb) * avx2::GROUP,
+                    0,
+                    rows * avx2::min_vectors(nb) * 8,
+                )
+            }
         };
         p.xs.resize(xs);
         p.xh.resize(xh);
@@ -268,8 +301,20 @@ impl<'w> Q4_1Matrix<'w> {
                     // SAFETY: `prepare_begin` checked that the CPU has the instructions.
                     unsafe { bf16::arrange(xr, nb, xh, sums) };
                 }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => {
+                    let (g, h) = (avx2::groups(nb) * avx2::GROUP, avx2::min_vectors(nb) * 8);
+                    let (xs, sums) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(out.xs.add(r * g), g),
+                            std::slice::from_raw_parts_mut(out.sums.add(r * h), h),
+                        )
+                    };
+                    // SAFETY: `prepare_begin` checked that the CPU has the instructions.
+                    unsafe { avx2::arrange(xr, nb, xs, sums) };
+                }
                 #[cfg(not(target_arch = "x86_64"))]
-                Isa::Avx512Bf16 => unreachable!("AVX-512 BF16 is detected on x86-64 only"),
+                Isa::Avx512Bf16 | Isa::Avx2 => unreachable!("AVX-512 and AVX2 are detected on x86-64 only"),
             }
         }
     }
@@ -287,6 +332,8 @@ impl<'w> Q4_1Matrix<'w> {
             Isa::Avx512 => unsafe { avx512::columns::<avx512::Exact>(self, p, y, cols) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => unsafe { avx512::columns::<bf16::Bf16>(self, p, y, cols) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::columns(self, p, y, cols) },
             _ => unsafe { self.columns_portable(p, y, cols) },
         }
     }
@@ -420,7 +467,12 @@ pub fn f16_to_f32(h: u16) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod bf16;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::reduce as reduce8;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx512::reduce;
@@ -1018,8 +1070,7 @@ mod tests {
     }
 
     fn isas() -> Vec<Isa> {
-        let mut isas = vec![Isa::Portable];
-        isas.extend((Isa::detect() == Isa::Avx512).then_some(Isa::Avx512));
+        let mut isas = Isa::available();
         isas.extend(Isa::detect_bf16());
         isas
     }
@@ -1160,6 +1211,43 @@ mod tests {
             unsafe { avx512::arrange(&xr, nb, &mut got) };
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{nb} blocks");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_transpose_holds_the_values_of_one_at_a_time_bit_for_bit() {
+        if !Isa::available().contains(&Isa::Avx2) {
+            eprintln!("no AVX2 on this CPU: only the portable arrangement runs");
+            return;
+        }
+        let mut rng = Rng(23);
+        // Whole groups of 2 blocks, and a last group of 1.
+        for nb in 1..=9 {
+            let xr: Vec<f32> = (0..nb * BLOCK)
+                .map(|i| match i % 5 {
+                    0 => -0.0,
+                    1 => rng.f() * 1e-30,
+                    2 => rng.f() * 3e38,
+                    _ => rng.f() * 100.0,
+                })
+                .collect();
+            let (ng, nh) = (avx2::groups(nb), avx2::min_vectors(nb));
+            let mut want = vec![1f32; ng * avx2::GROUP];
+            for g in 0..ng {
+                let mut group = [0f32; avx2::GROUP];
+                avx2::arrange_group(&xr, nb, g, &mut group);
+                for (t, v) in group.chunks_exact(8).enumerate() {
+                    want[avx2::at(ng, g, t)..][..8].copy_from_slice(v);
+                }
+            }
+            let (mut got, mut sums) = (vec![2f32; ng * avx2::GROUP], vec![3f32; nh * 8]);
+            unsafe { avx2::arrange(&xr, nb, &mut got, &mut sums) };
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{nb} blocks");
+            let mut want_sums = vec![0f32; nh * 8];
+            block_sums(&xr, &mut want_sums);
+            assert_eq!(bits(&sums), bits(&want_sums), "{nb} blocks' sums");
         }
     }
 

@@ -67,7 +67,7 @@ impl Kernels {
     pub fn choose(self, manifest: &Manifest) -> (&str, Option<Isa>) {
         match (self, manifest.files.fast_model.as_deref(), Isa::detect()) {
             (Kernels::Bf16, Some(fast), Isa::Avx512) => (fast, Some(Isa::detect_bf16().unwrap_or(Isa::Avx512))),
-            (Kernels::Auto, Some(fast), Isa::Avx512) => (fast, Some(Isa::Avx512)),
+            (Kernels::Auto | Kernels::Bf16, Some(fast), isa @ (Isa::Avx512 | Isa::Avx2)) => (fast, Some(isa)),
             _ => (&manifest.files.model, None),
         }
     }
@@ -225,6 +225,7 @@ impl OnnxModel {
             threads,
             kernels: match isa {
                 Some(Isa::Avx512Bf16) => "lambda-llm q4_1 avx512-bf16 (model.fast.onnx)",
+                Some(Isa::Avx2) => "lambda-llm q4_1 avx2 (model.fast.onnx)",
                 Some(_) => "lambda-llm q4_1 avx512 (model.fast.onnx)",
                 None => "onnxruntime (model.onnx)",
             },
