@@ -484,7 +484,8 @@ def main(argv=None) -> int:
           "1-token forward in every engine. Peak RSS is the whole process (for the Python engines: interpreter, "
           "numpy and the binding included). llama.cpp runs the original Q4_1 GGUF; python-ort runs model.onnx "
           "(ONNX Runtime's kernels); lambda-llm runs the graph its kernels line names — model.fast.onnx (its own "
-          "exact Q4_1 kernel) on a CPU with AVX-512, else model.onnx — over the same weights. lambda-llm bf16 is "
+          "exact Q4_1 kernel) on a CPU with AVX-512, or AVX2 with FMA and F16C, else model.onnx — over the same "
+          "weights. lambda-llm bf16 (a column only where the CPU has AVX512_BF16) is "
           "the same binary with KERNELS=bf16: activations rounded to bfloat16, not exact (its agreement with the "
           "exact model: `cargo test --release --test kernels -- --nocapture`).", "", *tables,
           *many_table(runs, threads, engines),

@@ -137,6 +137,23 @@ mod tests {
                 );
             }
         }
+        // The AVX2 body on its own (an AVX-512 CPU runs the other one above).
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            for start in [0, 3] {
+                let (g, u) = (&gate[start..], &up[start..]);
+                let mut out = vec![0f32; g.len()];
+                // SAFETY: the CPU has the instructions; the lengths match.
+                unsafe { silu_mul_avx2(g, u, &mut out) };
+                for (i, y) in out.iter().enumerate() {
+                    assert_eq!(
+                        y.to_bits(),
+                        silu_mul_lane(g[i], u[i]).to_bits(),
+                        "AVX2: element {i} from {start}"
+                    );
+                }
+            }
+        }
         let mut nan = [0f32; 17];
         silu_mul(&[f32::NAN; 17], &[1.0; 17], &mut nan);
         assert!(nan.iter().all(|y| y.is_nan()));
