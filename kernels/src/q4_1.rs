@@ -29,12 +29,13 @@ pub struct Q4_1Matrix<'w> {
 #[derive(Default)]
 pub struct Prepared {
     rows: usize,
-    /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); portable: a copy of x.
+    /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); AVX2: per row, per group of 2
+    /// blocks, 8 vectors of 8 lanes, laid out chain by chain (`avx2::at`); portable: a copy of x.
     xs: Aligned<f32>,
     /// AVX-512 BF16: per row, per group of 4 blocks, 4 vectors of 32 bfloat16 lanes (see `bf16::arrange`).
     xh: Aligned<u16>,
-    /// Per row, the sum of x over each block; AVX-512 pads each row to whole vectors of 16 blocks with zeros, and
-    /// AVX-512 BF16 follows each such vector with the sums of the bfloat16 activations of the same 16 blocks.
+    /// Per row, the sum of x over each block; AVX-512 pads each row to whole vectors of 16 blocks with zeros (AVX2: of
+    /// 8), and AVX-512 BF16 follows each such vector with the sums of the bfloat16 activations of the same 16 blocks.
     sums: Aligned<f32>,
 }
 

@@ -52,7 +52,8 @@ pub struct SessionOptions {
 /// Which kernels run the Q4_1 linear layers (`KERNELS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
-    /// Our AVX-512 kernel (`model.fast.onnx`) when the CPU and the artifact allow it, else ONNX Runtime's.
+    /// Our exact kernels (`model.fast.onnx`), AVX-512 or AVX2, when the CPU and the artifact allow it, else ONNX
+    /// Runtime's.
     #[default]
     Auto,
     /// ONNX Runtime's `MatMulNBits` (`model.onnx`) everywhere.
