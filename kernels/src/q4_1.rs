@@ -389,6 +389,16 @@ fn block_sums(xr: &[f32], sums: &mut [f32]) {
     }
 }
 
+/// `(first column, width)` for steps of `step` columns over `cols`, then single columns for the rest.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the AVX2 drivers use it
+pub(crate) fn column_steps(cols: Range<usize>, step: usize) -> impl Iterator<Item = (usize, usize)> {
+    let whole = cols.start + (cols.end - cols.start) / step * step;
+    (cols.start..whole)
+        .step_by(step)
+        .map(move |c| (c, step))
+        .chain((whole..cols.end).map(|c| (c, 1)))
+}
+
 /// `(first row, count)` for tiles of at most `max` rows covering `rows`.
 pub fn row_tiles(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rows).step_by(max).map(move |r| (r, (rows - r).min(max)))

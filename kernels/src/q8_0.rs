@@ -116,7 +116,7 @@ mod avx2 {
     //! one row runs 2 columns at once. Each (row, column) sums a block's 4 vectors in 2 chains (even and odd), so a
     //! row's bits do not depend on the rows or columns beside it.
     use super::{Q8_0Matrix, BLOCK};
-    use crate::q4_1::{reduce8, row_tiles};
+    use crate::q4_1::{column_steps, reduce8, row_tiles};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -144,14 +144,11 @@ mod avx2 {
         y: *mut f32,
         cols: Range<usize>,
     ) {
-        let mut c = cols.start;
-        while c + C <= cols.end {
-            unsafe { tile::<R, C>(w, x, r0, y, c) };
-            c += C;
-        }
-        while c < cols.end {
-            unsafe { tile::<R, 1>(w, x, r0, y, c) };
-            c += 1;
+        for (c, width) in column_steps(cols, C) {
+            match width {
+                1 => unsafe { tile::<R, 1>(w, x, r0, y, c) },
+                _ => unsafe { tile::<R, C>(w, x, r0, y, c) },
+            }
         }
     }
 
