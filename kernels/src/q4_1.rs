@@ -229,12 +229,8 @@ impl<'w> Q4_1Matrix<'w> {
                     matches!(Isa::detect(), Isa::Avx2 | Isa::Avx512),
                     "Isa::Avx2 on a CPU without AVX2, FMA and F16C"
                 );
-                let nb = self.blocks();
-                (
-                    rows * avx2::groups(nb) * avx2::GROUP,
-                    0,
-                    rows * avx2::min_vectors(nb) * 8,
-                )
+                let (xs, sums) = avx2::row_floats(self.blocks());
+                (rows * xs, 0, rows * sums)
             }
         };
         p.xs.resize(xs);
@@ -304,7 +300,7 @@ impl<'w> Q4_1Matrix<'w> {
                 }
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => {
-                    let (g, h) = (avx2::groups(nb) * avx2::GROUP, avx2::min_vectors(nb) * 8);
+                    let (g, h) = avx2::row_floats(nb);
                     let (xs, sums) = unsafe {
                         (
                             std::slice::from_raw_parts_mut(out.xs.add(r * g), g),
@@ -1199,6 +1195,18 @@ mod tests {
         }
     }
 
+    /// A row of `nb` blocks with values that show a wrong lane or a lost bit: −0.0, tiny and huge magnitudes.
+    fn awkward_row(rng: &mut Rng, nb: usize) -> Vec<f32> {
+        (0..nb * BLOCK)
+            .map(|i| match i % 7 {
+                0 => -0.0,
+                1 => rng.f() * 1e-30,
+                2 => rng.f() * 3e38,
+                _ => rng.f() * 100.0,
+            })
+            .collect()
+    }
+
     #[test]
     fn the_avx512_arrangement_holds_the_portable_values_bit_for_bit() {
         if Isa::detect() != Isa::Avx512 {
@@ -1208,14 +1216,7 @@ mod tests {
         let mut rng = Rng(11);
         // Every tail: whole groups, and groups of 1, 2 and 3 blocks at the end.
         for nb in 1..=14 {
-            let xr: Vec<f32> = (0..nb * BLOCK)
-                .map(|i| match i % 7 {
-                    0 => -0.0,
-                    1 => rng.f() * 1e-30,
-                    2 => rng.f() * 3e38,
-                    _ => rng.f() * 100.0,
-                })
-                .collect();
+            let xr = awkward_row(&mut rng, nb);
             let groups = nb.div_ceil(4);
             let (mut want, mut got) = (vec![1f32; groups * 128], vec![2f32; groups * 128]);
             arrange(&xr, nb, &mut want);
@@ -1235,16 +1236,10 @@ mod tests {
         let mut rng = Rng(23);
         // Whole groups of 2 blocks, and a last group of 1.
         for nb in 1..=9 {
-            let xr: Vec<f32> = (0..nb * BLOCK)
-                .map(|i| match i % 5 {
-                    0 => -0.0,
-                    1 => rng.f() * 1e-30,
-                    2 => rng.f() * 3e38,
-                    _ => rng.f() * 100.0,
-                })
-                .collect();
-            let (ng, nh) = (avx2::groups(nb), avx2::min_vectors(nb));
-            let mut want = vec![1f32; ng * avx2::GROUP];
+            let xr = awkward_row(&mut rng, nb);
+            let ng = avx2::groups(nb);
+            let (xs_len, sums_len) = avx2::row_floats(nb);
+            let mut want = vec![1f32; xs_len];
             for g in 0..ng {
                 let mut group = [0f32; avx2::GROUP];
                 avx2::arrange_group(&xr, nb, g, &mut group);
@@ -1252,11 +1247,11 @@ mod tests {
                     want[avx2::at(ng, g, t)..][..8].copy_from_slice(v);
                 }
             }
-            let (mut got, mut sums) = (vec![2f32; ng * avx2::GROUP], vec![3f32; nh * 8]);
+            let (mut got, mut sums) = (vec![2f32; xs_len], vec![3f32; sums_len]);
             unsafe { avx2::arrange(&xr, nb, &mut got, &mut sums) };
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{nb} blocks");
-            let mut want_sums = vec![0f32; nh * 8];
+            let mut want_sums = vec![0f32; sums_len];
             block_sums(&xr, &mut want_sums);
             assert_eq!(bits(&sums), bits(&want_sums), "{nb} blocks' sums");
         }

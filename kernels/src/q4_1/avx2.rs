@@ -25,8 +25,13 @@ pub(super) fn groups(nb: usize) -> usize {
 }
 
 /// Vectors of 8 block sums (or minimums) per row (or column), padded with zeros.
-pub(super) fn min_vectors(nb: usize) -> usize {
+fn min_vectors(nb: usize) -> usize {
     nb.div_ceil(MINS)
+}
+
+/// Floats a prepared row takes: its arranged activations (`arrange`'s `xs`) and its padded block sums (`sums`).
+pub(super) fn row_floats(nb: usize) -> (usize, usize) {
+    (groups(nb) * GROUP, min_vectors(nb) * MINS)
 }
 
 /// Where vector t of group g lies in a row of `ng` groups (in floats; the panels' vectors lie alike): the vectors of
@@ -47,7 +52,7 @@ pub(super) fn at(ng: usize, g: usize, t: usize) -> usize {
 /// The CPU must have AVX2.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn arrange(xr: &[f32], nb: usize, xs: &mut [f32], sums: &mut [f32]) {
-    debug_assert!(xr.len() == nb * BLOCK && xs.len() == groups(nb) * GROUP && sums.len() == min_vectors(nb) * MINS);
+    debug_assert!(xr.len() == nb * BLOCK && (xs.len(), sums.len()) == row_floats(nb));
     sums[nb..].fill(0.0);
     block_sums(xr, sums);
     let ng = groups(nb);
