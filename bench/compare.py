@@ -7,15 +7,16 @@
    prompts ("chat-short", a 30-token chat prompt with a short system message, and "long", 162 tokens).
 2. For each thread count, `--rounds` rounds, each running A B C (D) in turn, every run a fresh process:
    A = `MODEL_THREADS=t lambda-llm bench --json --rounds 1`, B = llama.cpp (llama-cpp-python, the original Q4_1
-   GGUF), C = the artifact's model.onnx in Python ONNX Runtime (model-artifacts/run_ort.py), and on a CPU with
-   AVX512_BF16 D = A with `KERNELS=bf16` (the explicit, not exact, bfloat16 option). B and C run in
-   bench/engines.py, which measures exactly what src/cli/bench.rs measures.
-3. Once per kernel choice (auto, bf16 where the CPU has it, ort) at the largest thread count,
+   GGUF), C = the artifact's model.onnx in Python ONNX Runtime (model-artifacts/run_ort.py), on a CPU with
+   AVX512_BF16 D = A with `KERNELS=bf16` (the explicit, not exact, bfloat16 option), and on a CPU with AVX2 E = A
+   with `KERNELS=int8` (the explicit, not exact, 8-bit option). B and C run in bench/engines.py, which measures
+   exactly what src/cli/bench.rs measures.
+3. Once per kernel choice (auto, bf16 and int8 where the CPU has them, ort) at the largest thread count,
    `lambda-llm bench --streams 0 --profile`: each operator type's share of a decode step and of the chat prompt;
    then bench/fidelity.py once: llama.cpp's and python-ort's next-token argmax against the fp32 reference at the
    converter's 128 teacher-forced positions (model-artifacts/measure.py).
-4. Medians per engine; ratios ours / llama.cpp, ours / python-ort and bf16 / llama.cpp per pair (the two runs of
-   one round), reported as the median pair with the lowest and highest; written to --out
+4. Medians per engine; ratios ours / llama.cpp, ours / python-ort, bf16 / llama.cpp and int8 / llama.cpp per pair
+   (the two runs of one round), reported as the median pair with the lowest and highest; written to --out
    (markdown, with the profiles), a chart (ratios.png beside --out) and the raw runs (--out with .json). A failed
    run is an error cell, never a crash.
 """
@@ -38,12 +39,16 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-ENGINES = [("ours", "lambda-llm"), ("llama", "llama.cpp"), ("ort", "python-ort"), ("bf16", "lambda-llm bf16")]
-# lambda-llm's runs: the default (exact) kernels, and KERNELS=bf16.
-OURS = {"ours": "auto", "bf16": "bf16"}
+ENGINES = [("ours", "lambda-llm"), ("llama", "llama.cpp"), ("ort", "python-ort"), ("bf16", "lambda-llm bf16"),
+           ("int8", "lambda-llm int8")]
+# lambda-llm's runs: the default (exact) kernels, KERNELS=bf16 and KERNELS=int8.
+OURS = {"ours": "auto", "bf16": "bf16", "int8": "int8"}
+# The explicit options: engine -> (the CPU flags it needs, the word its kernels line carries).
+OPTIONS = {"bf16": ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "bf16"),
+           "int8": ({"avx2", "fma", "f16c"}, "int8")}
 # (numerator, denominator, column): the ratios of the tables and the chart.
 RATIOS = [("ours", "llama", "ours / llama.cpp"), ("ours", "ort", "ours / python-ort"),
-          ("bf16", "llama", "bf16 / llama.cpp")]
+          ("bf16", "llama", "bf16 / llama.cpp"), ("int8", "llama", "int8 / llama.cpp")]
 PROMPTS = ["chat-short", "long"]
 # key, label, per prompt?, higher is better?
 METRICS = [("prefill_tok_s", "prefill tok/s", True, True), ("decode_tok_s", "decode tok/s", True, True),
@@ -96,8 +101,8 @@ def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
         r = run_json([sys.executable, os.path.join(HERE, "engines.py")], env, json.dumps(job), a.timeout)
     if r.get("threads") not in (None, threads):
         raise RunError(f"asked for {threads} threads, engine reports {r.get('threads')}")
-    if engine == "bf16" and "bf16" not in str(r.get("kernels")):
-        raise RunError(f"KERNELS=bf16 ran {r.get('kernels')!r}, not the bfloat16 kernel")
+    if engine in OPTIONS and OPTIONS[engine][1] not in str(r.get("kernels")):
+        raise RunError(f"KERNELS={OURS[engine]} ran {r.get('kernels')!r}, not its own kernel")
     if engine in OURS:
         r["cold_start_ms"] = r.get("ready_ms")  # process start -> ready, measured by the process itself
     r["ready_ms"] = r["load_ms"] + r.get("warm_up_ms", 0.0)  # the same definition for every engine
@@ -121,7 +126,7 @@ MANY = [(None, "cold_start_ms", "cold start: process start → ready, ms"),
 def many_table(runs: list[dict], threads: list[int], engines: list[str]) -> list[str]:
     """Medians of our serving-many figures per thread count and kernels."""
     cols = [(t, e) for e in engines if e in OURS for t in threads]
-    name = lambda t, e: f"{t} thread{'s' if t > 1 else ''}" + (" bf16" if e == "bf16" else "")  # noqa: E731
+    name = lambda t, e: f"{t} thread{'s' if t > 1 else ''}" + (f" {e}" if e in OPTIONS else "")  # noqa: E731
     lines = ["### Serving many at once, cold start (lambda-llm)", "",
              "| metric | " + " | ".join(name(t, e) for t, e in cols) + " |",
              "|---|" + "--:|" * len(cols)]
@@ -221,7 +226,8 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
         names = [f"{t}t" + (f" {p}" if p else "") for t, p in cats]
         series = [(a, b, name) for a, b, name in RATIOS if any(r["of"] == a and r["vs"] == b for r in ratios)]
         width = 0.8 / max(len(series), 1)
-        colors = {"ours / llama.cpp": "tab:orange", "ours / python-ort": "tab:blue", "bf16 / llama.cpp": "tab:green"}
+        colors = {"ours / llama.cpp": "tab:orange", "ours / python-ort": "tab:blue", "bf16 / llama.cpp": "tab:green",
+                  "int8 / llama.cpp": "tab:purple"}
         for j, (mine, vs, name) in enumerate(series):
             ys = [next((r["ratio"] for r in ratios if r["metric"] == label and r["threads"] == t
                         and r["prompt"] == p and r["of"] == mine and r["vs"] == vs), None) for t, p in cats]
@@ -234,7 +240,7 @@ def chart(ratios: list[dict], threads: list[int], path: str) -> str | None:
         ax.set_title(f"{label}  ({'higher' if higher else 'lower'} = ours better)", fontsize=10)
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(names), fontsize=8)
-    fig.suptitle("lambda-llm (exact; bf16 = KERNELS=bf16) relative to llama.cpp and Python ONNX Runtime "
+    fig.suptitle("lambda-llm (exact; bf16, int8 = KERNELS=bf16, int8) relative to llama.cpp and Python ONNX Runtime "
                  "(median per-pair ratios; 1.0 = equal)")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     try:
@@ -321,14 +327,14 @@ def fidelity(a, t: int) -> tuple[list[str], dict]:
     return md + [""], r
 
 
-def has_bf16() -> bool:
-    """Whether this CPU has AVX-512 with its BF16 dot product (KERNELS=bf16 runs its own kernel)."""
+def has_option(engine: str) -> bool:
+    """Whether this CPU has what an explicit option's own kernel needs (else KERNELS=... runs the exact one)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
     except OSError:
         return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= set(flags)
+    return OPTIONS[engine][0] <= set(flags)
 
 
 def machine_facts() -> list[str]:
@@ -440,9 +446,10 @@ def main(argv=None) -> int:
     log("prompts: " + ", ".join(f"{p['name']} {len(p['prompt_ids'])} tokens" for p in prompts))
     ver = versions(a, manifest)  # before this run writes its chart and report into the work tree
 
-    engines = [e for e, _ in ENGINES if e != "bf16" or has_bf16()]
-    if "bf16" not in engines:
-        log("this CPU has no AVX512_BF16: no KERNELS=bf16 runs")
+    engines = [e for e, _ in ENGINES if e not in OPTIONS or has_option(e)]
+    for e in OPTIONS:
+        if e not in engines:
+            log(f"this CPU lacks {', '.join(sorted(OPTIONS[e][0]))}: no KERNELS={e} runs")
     runs = []
     for t in threads:
         for rnd in range(1, a.rounds + 1):
@@ -486,8 +493,10 @@ def main(argv=None) -> int:
           "(ONNX Runtime's kernels); lambda-llm runs the graph its kernels line names — model.fast.onnx (its own "
           "exact Q4_1 kernel) on a CPU with AVX-512, or AVX2 with FMA and F16C, else model.onnx — over the same "
           "weights. lambda-llm bf16 (a column only where the CPU has AVX512_BF16) is "
-          "the same binary with KERNELS=bf16: activations rounded to bfloat16, not exact (its agreement with the "
-          "exact model: `cargo test --release --test kernels -- --nocapture`).", "", *tables,
+          "the same binary with KERNELS=bf16: activations rounded to bfloat16, not exact; lambda-llm int8 (a column "
+          "only where the CPU has AVX2) is KERNELS=int8: the Q4_1 layers' activations rounded to 8-bit integers per "
+          "block of 32, as llama.cpp rounds them, not exact (the options' agreement with the exact model: "
+          "`cargo test --release --test kernels -- --nocapture`).", "", *tables,
           *many_table(runs, threads, engines),
           "Serving many: 8 chat prompts of 30–40 tokens started together, each decoding the same number of new "
           "tokens (greedy, EOS suppressed), against one of them alone; tok/s = generated tokens / wall time "

@@ -63,8 +63,9 @@ pub struct Config {
     pub max_batch: usize,
     /// Memory for the prefix cache in bytes (`PREFIX_CACHE_MB`; 0 disables it).
     pub prefix_cache_bytes: usize,
-    /// `KERNELS=auto|bf16|ort`: our exact AVX-512 Q4_1 kernel where the CPU has it (default), its faster bfloat16
-    /// variant (not exact) where the CPU has AVX512_BF16, or ONNX Runtime's everywhere.
+    /// `KERNELS=auto|bf16|int8|ort`: our exact Q4_1 kernels where the CPU has AVX-512 or AVX2 (default), a faster
+    /// variant (not exact) rounding the activations to bfloat16 where the CPU has AVX512_BF16 or to 8-bit integers
+    /// where it has AVX2, or ONNX Runtime's everywhere.
     pub kernels: crate::engine::Kernels,
 }
 
@@ -188,11 +189,12 @@ impl Config {
             None | Some("auto") => crate::engine::Kernels::Auto,
             Some("ort") => crate::engine::Kernels::Ort,
             Some("bf16") => crate::engine::Kernels::Bf16,
+            Some("int8") => crate::engine::Kernels::Int8,
             Some(other) => {
                 return Err(ConfigError {
                     name: "KERNELS",
                     value: other.into(),
-                    reason: "expected auto, bf16 or ort",
+                    reason: "expected auto, bf16, int8 or ort",
                 })
             }
         };
@@ -290,8 +292,9 @@ mod tests {
             Kernels::Ort
         );
         assert_eq!(cfg(&[("KERNELS", "bf16")]).unwrap().kernels, Kernels::Bf16);
+        assert_eq!(cfg(&[("KERNELS", "int8")]).unwrap().kernels, Kernels::Int8);
         let e = cfg(&[("KERNELS", "gpu")]).unwrap_err();
-        assert_eq!((e.name, e.reason), ("KERNELS", "expected auto, bf16 or ort"));
+        assert_eq!((e.name, e.reason), ("KERNELS", "expected auto, bf16, int8 or ort"));
     }
 
     #[test]

@@ -88,6 +88,16 @@ fn eight_streams_on_the_bf16_option_generate_exactly_what_each_would_alone() {
     eight_streams(engine);
 }
 
+/// The int8 option (where the CPU has AVX2) too: its integer sums do not depend on the rows beside them.
+#[test]
+fn eight_streams_on_the_int8_option_generate_exactly_what_each_would_alone() {
+    let engine = load_with(0, Kernels::Int8);
+    if lambda_llm_kernels::q4_1::Isa::detect_int8().is_some() {
+        assert!(engine.model.kernels().contains("int8"), "{}", engine.model.kernels());
+    }
+    eight_streams(engine);
+}
+
 fn eight_streams(mut engine: Engine) {
     let reqs = prompts(&engine);
     let expected: Vec<Generation> = reqs.iter().map(|r| alone(&mut engine, r)).collect();
@@ -148,6 +158,16 @@ fn a_growing_chat_on_the_bf16_option_reuses_its_prefix_and_generates_exactly_wha
     let engine = load_with(64 << 20, Kernels::Bf16);
     if lambda_llm_kernels::q4_1::Isa::detect_bf16().is_some() {
         assert!(engine.model.kernels().contains("bf16"), "{}", engine.model.kernels());
+    }
+    growing_chat(engine);
+}
+
+/// The same on the int8 option (where the CPU has AVX2).
+#[test]
+fn a_growing_chat_on_the_int8_option_reuses_its_prefix_and_generates_exactly_what_it_would_alone() {
+    let engine = load_with(64 << 20, Kernels::Int8);
+    if lambda_llm_kernels::q4_1::Isa::detect_int8().is_some() {
+        assert!(engine.model.kernels().contains("int8"), "{}", engine.model.kernels());
     }
     growing_chat(engine);
 }

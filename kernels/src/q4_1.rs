@@ -7,7 +7,9 @@
 //! `accuracy_level` 4 and llama.cpp's Q8_1 dot products).
 //!
 //! `Isa::Avx512Bf16`, an explicit option, is not exact: it rounds the activations to bfloat16 for the `d·q` products
-//! (the minimums' term keeps them exact) and sums 32 products per instruction (`q4_1/bf16.rs`).
+//! (the minimums' term keeps them exact) and sums 32 products per instruction (`q4_1/bf16.rs`). `Isa::Avx2Int8`, an
+//! explicit option for AVX2, rounds them to 8-bit integers per block, as llama.cpp does, and sums 32 integer products
+//! per instruction (`q4_1/int8.rs`).
 
 use std::ops::Range;
 
@@ -32,7 +34,9 @@ pub struct Prepared {
     /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); AVX2: per row, per group of 2
     /// blocks, 8 vectors of 8 lanes, laid out chain by chain (`avx2::at`); portable: a copy of x.
     xs: Aligned<f32>,
-    /// AVX-512 BF16: per row, per group of 4 blocks, 4 vectors of 32 bfloat16 lanes (see `bf16::arrange`).
+    /// AVX-512 BF16: per row, per group of 4 blocks, 4 vectors of 32 bfloat16 lanes (see `bf16::arrange`). AVX2 int8:
+    /// per row, per group of 2 blocks, 64 bytes of rounded activations, two to a `u16` (see `int8::arrange`), their
+    /// scales in `xs`.
     xh: Aligned<u16>,
     /// Per row, the sum of x over each block; AVX-512 pads each row to whole vectors of 16 blocks with zeros (AVX2: of
     /// 8), and AVX-512 BF16 follows each such vector with the sums of the bfloat16 activations of the same 16 blocks.
@@ -110,6 +114,9 @@ pub enum Isa {
     Avx512Bf16,
     /// AVX2 with FMA and F16C, for x86-64 CPUs without AVX-512: the exact f32 body on 256-bit registers (`avx2`).
     Avx2,
+    /// AVX2 with the activations rounded to 8-bit integers per block of 32 (llama.cpp's rounding of them), 32 integer
+    /// products per instruction; faster, not exact (see `int8`). Only on request: `detect` never picks it.
+    Avx2Int8,
     Portable,
 }
 
@@ -152,6 +159,11 @@ impl Isa {
             return Some(Isa::Avx512Bf16);
         }
         None
+    }
+
+    /// `Avx2Int8` where the CPU has AVX2, FMA and F16C (every CPU `detect` gives `Avx2` or `Avx512`), else `None`.
+    pub fn detect_int8() -> Option<Self> {
+        matches!(Self::detect(), Isa::Avx2 | Isa::Avx512).then_some(Isa::Avx2Int8)
     }
 }
 
@@ -232,6 +244,14 @@ impl<'w> Q4_1Matrix<'w> {
                 let (xs, sums) = avx2::row_floats(self.blocks());
                 (rows * xs, 0, rows * sums)
             }
+            Isa::Avx2Int8 => {
+                assert!(
+                    Isa::detect_int8().is_some(),
+                    "Isa::Avx2Int8 on a CPU without AVX2, FMA and F16C"
+                );
+                let (xh, xs, sums) = int8::row_sizes(self.blocks());
+                (rows * xs, rows * xh, rows * sums)
+            }
         };
         p.xs.resize(xs);
         p.xh.resize(xh);
@@ -310,8 +330,23 @@ impl<'w> Q4_1Matrix<'w> {
                     // SAFETY: `prepare_begin` checked that the CPU has the instructions.
                     unsafe { avx2::arrange(xr, nb, xs, sums) };
                 }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Int8 => {
+                    let (xh, xs, h) = int8::row_sizes(nb);
+                    let (xb, scales, sums) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(out.xh.add(r * xh).cast::<u8>(), 2 * xh),
+                            std::slice::from_raw_parts_mut(out.xs.add(r * xs), xs),
+                            std::slice::from_raw_parts_mut(out.sums.add(r * h), h),
+                        )
+                    };
+                    // SAFETY: `prepare_begin` checked that the CPU has the instructions.
+                    unsafe { int8::arrange(xr, nb, xb, scales, sums) };
+                }
                 #[cfg(not(target_arch = "x86_64"))]
-                Isa::Avx512Bf16 | Isa::Avx2 => unreachable!("AVX-512 and AVX2 are detected on x86-64 only"),
+                Isa::Avx512Bf16 | Isa::Avx2 | Isa::Avx2Int8 => {
+                    unreachable!("AVX-512 and AVX2 are detected on x86-64 only")
+                }
             }
         }
     }
@@ -319,7 +354,7 @@ impl<'w> Q4_1Matrix<'w> {
     /// Writes `y[r][c]` for every prepared row and every column in `cols` (`y` is `[rows][N]`).
     ///
     /// # Safety
-    /// `isa` must be one `Isa::detect` or `Isa::detect_bf16` returned, `p` must come from `prepare` on this matrix's
+    /// `isa` must be one `Isa::detect`, `Isa::detect_bf16` or `Isa::detect_int8` returned, `p` must come from `prepare` on this matrix's
     /// shape with the same `isa`, `y` must point to `rows × N` floats, and no other thread may touch these columns
     /// meanwhile.
     pub unsafe fn columns(&self, isa: Isa, p: &Prepared, y: *mut f32, cols: Range<usize>) {
@@ -331,6 +366,8 @@ impl<'w> Q4_1Matrix<'w> {
             Isa::Avx512Bf16 => unsafe { avx512::columns::<bf16::Bf16>(self, p, y, cols) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::columns(self, p, y, cols) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Int8 => unsafe { int8::columns(self, p, y, cols) },
             _ => unsafe { self.columns_portable(p, y, cols) },
         }
     }
@@ -477,6 +514,8 @@ pub fn f16_to_f32(h: u16) -> f32 {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod int8;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::reduce as reduce8;
@@ -1011,12 +1050,26 @@ mod tests {
         }
     }
 
-    /// The reference in f64: `Σ d·q·x' + m·x` with `x' = x` (exact kernels) or x rounded to bfloat16 (`rounded`); also
-    /// `Σ |d·(128 + q)·x'|`, the size of what the BF16 kernel sums before it subtracts its offset.
-    fn reference(k: usize, n: usize, q: &[u8], dm: &[u16], x: &[f32], rows: usize, rounded: bool) -> Vec<(f64, f64)> {
+    /// x rounded to 8-bit integers per block of 32 as `int8::arrange` does (`s = max|x| / 127`, `round(x · (1/s))`),
+    /// and back (times s, in f64).
+    fn int8(xb: &[f32]) -> Vec<f64> {
+        let s = xb.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+        let inverse = if s > 0.0 { 1.0 / s } else { 0.0 };
+        xb.iter()
+            .map(|&x| (x * inverse).round_ties_even() as f64 * s as f64)
+            .collect()
+    }
+
+    /// The reference in f64: `Σ d·q·x' + m·x` with `x' = x` (exact kernels) or x as the ISA rounds it (bfloat16, or
+    /// 8-bit integers per block); also `Σ |d·(128 + q)·x'|`, the size of what the BF16 kernel sums before it subtracts
+    /// its offset.
+    fn reference(k: usize, n: usize, q: &[u8], dm: &[u16], x: &[f32], rows: usize, isa: Isa) -> Vec<(f64, f64)> {
         let nb = k / BLOCK;
+        let rounded = matches!(isa, Isa::Avx512Bf16 | Isa::Avx2Int8);
         let mut y = vec![(0f64, 0f64); rows * n];
         for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            let x8: Vec<f64> = xr.chunks_exact(BLOCK).flat_map(int8).collect();
             for c in 0..n {
                 let (mut s, mut size) = (0f64, 0f64);
                 for b in 0..nb {
@@ -1024,14 +1077,20 @@ mod tests {
                         let v = q[(c * nb + b) * 16 + i];
                         let (d, m) = (f16_to_f32(dm[(c * nb + b) * 2]), f16_to_f32(dm[(c * nb + b) * 2 + 1]));
                         for (e, nib) in [(2 * i, v & 15), (2 * i + 1, v >> 4)] {
-                            let xv = x[r * k + b * BLOCK + e];
-                            let xd = if rounded { bf16(xv) } else { xv };
-                            if rounded {
-                                s += (d * nib as f32) as f64 * xd as f64 + m as f64 * xv as f64;
+                            let xv = xr[b * BLOCK + e];
+                            let xd = match isa {
+                                Isa::Avx512Bf16 => bf16(xv) as f64,
+                                Isa::Avx2Int8 => x8[b * BLOCK + e],
+                                _ => xv as f64,
+                            };
+                            if isa == Isa::Avx2Int8 {
+                                s += (d * nib as f32) as f64 * xd + m as f64 * xd;
+                            } else if rounded {
+                                s += (d * nib as f32) as f64 * xd + m as f64 * xv as f64;
                             } else {
                                 s += (d * nib as f32 + m) as f64 * xv as f64;
                             }
-                            size += (d as f64 * (128 + nib as u32) as f64 * xd as f64).abs();
+                            size += (d as f64 * (128 + nib as u32) as f64 * xd).abs();
                         }
                     }
                 }
@@ -1062,7 +1121,7 @@ mod tests {
         for c in cols {
             unsafe { m.columns(isa, &p, y.as_mut_ptr(), c.clone()) };
         }
-        let want = reference(k, n, &q, &dm, &x, rows, isa == Isa::Avx512Bf16);
+        let want = reference(k, n, &q, &dm, &x, rows, isa);
         for (i, (got, (want, size))) in y.iter().zip(&want).enumerate() {
             // f32 sums; the BF16 kernel's also carry 128·d·Σx' until it subtracts it.
             let mut tol = 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt();
@@ -1079,6 +1138,7 @@ mod tests {
     fn isas() -> Vec<Isa> {
         let mut isas = Isa::available();
         isas.extend(Isa::detect_bf16());
+        isas.extend(Isa::detect_int8());
         isas
     }
 

@@ -35,7 +35,8 @@ impl<'w> Q8_0Matrix<'w> {
             // The LM head stays in f32 under the BF16 body too.
             Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx512::columns(self, x, y, cols) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::columns(self, x, y, cols) },
+            // The LM head stays in f32 under the int8 body too.
+            Isa::Avx2 | Isa::Avx2Int8 => unsafe { avx2::columns(self, x, y, cols) },
             _ => unsafe { self.columns_portable(x, y, cols) },
         }
     }

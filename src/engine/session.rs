@@ -61,6 +61,9 @@ pub enum Kernels {
     /// Asked for: our AVX-512 kernel with bfloat16 dot products (the activations rounded to bfloat16: faster, not
     /// exact) where the CPU has AVX512_BF16, else as `Auto`.
     Bf16,
+    /// Asked for: our AVX2 kernel with 8-bit integer dot products (the activations rounded to 8 bits per block of 32,
+    /// as llama.cpp rounds them: faster, not exact) where the CPU has AVX2, FMA and F16C, else as `Auto`.
+    Int8,
 }
 
 impl Kernels {
@@ -68,6 +71,7 @@ impl Kernels {
     pub fn choose(self, manifest: &Manifest) -> (&str, Option<Isa>) {
         match (self, manifest.files.fast_model.as_deref(), Isa::detect()) {
             (Kernels::Bf16, Some(fast), Isa::Avx512) => (fast, Some(Isa::detect_bf16().unwrap_or(Isa::Avx512))),
+            (Kernels::Int8, Some(fast), Isa::Avx512 | Isa::Avx2) => (fast, Isa::detect_int8()),
             (Kernels::Auto | Kernels::Bf16, Some(fast), isa @ (Isa::Avx512 | Isa::Avx2)) => (fast, Some(isa)),
             _ => (&manifest.files.model, None),
         }
@@ -227,6 +231,7 @@ impl OnnxModel {
             kernels: match isa {
                 Some(Isa::Avx512Bf16) => "lambda-llm q4_1 avx512-bf16 (model.fast.onnx)",
                 Some(Isa::Avx2) => "lambda-llm q4_1 avx2 (model.fast.onnx)",
+                Some(Isa::Avx2Int8) => "lambda-llm q4_1 avx2-int8 (model.fast.onnx)",
                 Some(_) => "lambda-llm q4_1 avx512 (model.fast.onnx)",
                 None => "onnxruntime (model.onnx)",
             },

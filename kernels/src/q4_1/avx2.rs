@@ -326,7 +326,7 @@ unsafe fn pass<const R: usize, const C: usize>(
 /// of 1 block has zeros above) and each lane's scale (lane l: block 2g + l/4), fetching a few columns ahead.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m256i, __m256) {
+pub(super) unsafe fn group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m256i, __m256) {
     _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 32 + PREFETCH_Q).cast());
     _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 4 + PREFETCH_DM).cast());
     let (v, dm) = unsafe {
@@ -367,7 +367,7 @@ fn scaled(v: __m256i, high: __m256i, d: __m256, t: usize) -> __m256 {
 /// The minimums of blocks `8h..8h + 8` of a column (`nb` blocks), zeros past the last.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn minimums(dmrow: *const u16, nb: usize, h: usize) -> __m256 {
+pub(super) unsafe fn minimums(dmrow: *const u16, nb: usize, h: usize) -> __m256 {
     let left = nb - MINS * h;
     // One (d, m) pair per 32-bit lane.
     let pairs = unsafe {
