@@ -187,6 +187,28 @@ unsafe fn tile<const R: usize, const C: usize>(w: &Q4_1Matrix, p: &Prepared, r0:
             }
         }
     }
+    let minus = unsafe { minus_terms::<R, C>(&column, nb, sums) };
+    for r in 0..R {
+        for c in 0..C {
+            let total = _mm256_add_ps(_mm256_add_ps(acc[r][c][0], acc[r][c][1]), minus[r][c]);
+            unsafe { *y.add((r0 + r) * w.n + c0 + c) = reduce(total) };
+        }
+    }
+}
+
+/// The minimums' term `Σ_b m_b·Σx_b` of R rows (their padded block sums from `sums` on) against C columns, 8 blocks
+/// per FMA.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `sums` holds R rows of `min_vectors(nb)` × 8 floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn minus_terms<const R: usize, const C: usize>(
+    column: &[(*const u8, *const u16); C],
+    nb: usize,
+    sums: *const f32,
+) -> [[__m256; C]; R] {
+    let nh = min_vectors(nb);
     let mut minus = [[_mm256_setzero_ps(); C]; R];
     for h in 0..nh {
         for (c, &(_, dmrow)) in column.iter().enumerate() {
@@ -197,12 +219,7 @@ unsafe fn tile<const R: usize, const C: usize>(w: &Q4_1Matrix, p: &Prepared, r0:
             }
         }
     }
-    for r in 0..R {
-        for c in 0..C {
-            let total = _mm256_add_ps(_mm256_add_ps(acc[r][c][0], acc[r][c][1]), minus[r][c]);
-            unsafe { *y.add((r0 + r) * w.n + c0 + c) = reduce(total) };
-        }
-    }
+    minus
 }
 
 thread_local! {
@@ -367,7 +384,7 @@ fn scaled(v: __m256i, high: __m256i, d: __m256, t: usize) -> __m256 {
 /// The minimums of blocks `8h..8h + 8` of a column (`nb` blocks), zeros past the last.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn minimums(dmrow: *const u16, nb: usize, h: usize) -> __m256 {
+unsafe fn minimums(dmrow: *const u16, nb: usize, h: usize) -> __m256 {
     let left = nb - MINS * h;
     // One (d, m) pair per 32-bit lane.
     let pairs = unsafe {

@@ -13,7 +13,7 @@
 //! dequantization for a panel to save. Each (row, column) folds its groups in the same order on every path, so a row's bits do not
 //! depend on the rows or columns beside it.
 
-use super::avx2::{group, groups, minimums, reduce};
+use super::avx2::{group, groups, minus_terms, reduce};
 use super::{Prepared, Q4_1Matrix, BLOCK};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -167,16 +167,7 @@ unsafe fn tile<const R: usize, const C: usize>(w: &Q4_1Matrix, p: &Prepared, r0:
             }
         }
     }
-    let mut minus = [[_mm256_setzero_ps(); C]; R];
-    for h in 0..nh {
-        for (c, &(_, dmrow)) in column.iter().enumerate() {
-            let mv = unsafe { minimums(dmrow, nb, h) };
-            for (r, minus) in minus.iter_mut().enumerate() {
-                let s = unsafe { _mm256_loadu_ps(sums.add(r * nh * MINS + h * MINS)) };
-                minus[c] = _mm256_fmadd_ps(mv, s, minus[c]);
-            }
-        }
-    }
+    let minus = unsafe { minus_terms::<R, C>(&column, nb, sums) };
     for r in 0..R {
         for c in 0..C {
             unsafe { *y.add((r0 + r) * w.n + c0 + c) = reduce(_mm256_add_ps(acc[r][c], minus[r][c])) };
