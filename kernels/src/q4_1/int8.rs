@@ -10,8 +10,8 @@
 //! its 128 teacher-forced choices instead of 126, the winning logit off by up to 2.15 instead of 0.95.
 //!
 //! Every row count runs tiles of up to `TILE_ROWS` rows sharing each group's weights: the integer sums leave no
-//! dequantization for a panel to save. Each (row, column) folds its groups in the same order on every path, so a row's bits do not
-//! depend on the rows or columns beside it.
+//! dequantization for a panel to save. Each (row, column) folds its groups in the same order on every path, so a
+//! row's bits do not depend on the rows or columns beside it.
 
 use super::avx2::{group, groups, minus_terms, reduce};
 use super::{Prepared, Q4_1Matrix, BLOCK};
