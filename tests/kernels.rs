@@ -142,8 +142,8 @@ fn the_bf16_option_keeps_125_of_128_choices_and_is_really_rounded() {
     );
 }
 
-/// The int8 variant rounds the activations as llama.cpp does (its own agreement: `bench/fidelity.py`); it is an
-/// option, and it must keep the bar of 125/128 too.
+/// The int8 variant rounds the activations as llama.cpp does (llama.cpp's agreement with the fp32 reference:
+/// `bench/fidelity.py`); it is an option, and it must keep the bar of 125/128 too.
 #[test]
 fn the_int8_option_keeps_125_of_128_choices_and_is_really_rounded() {
     if Isa::detect_int8().is_none() {
