@@ -43,9 +43,8 @@ ENGINES = [("ours", "lambda-llm"), ("llama", "llama.cpp"), ("ort", "python-ort")
            ("int8", "lambda-llm int8")]
 # lambda-llm's runs: the default (exact) kernels, KERNELS=bf16 and KERNELS=int8.
 OURS = {"ours": "auto", "bf16": "bf16", "int8": "int8"}
-# The explicit options: engine -> (the CPU flags it needs, the word its kernels line carries).
-OPTIONS = {"bf16": ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "bf16"),
-           "int8": ({"avx2", "fma", "f16c"}, "int8")}
+# The explicit options: engine -> the CPU flags its own kernel needs (its kernels line then names its KERNELS value).
+OPTIONS = {"bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "int8": {"avx2", "fma", "f16c"}}
 # (numerator, denominator, column): the ratios of the tables and the chart.
 RATIOS = [("ours", "llama", "ours / llama.cpp"), ("ours", "ort", "ours / python-ort"),
           ("bf16", "llama", "bf16 / llama.cpp"), ("int8", "llama", "int8 / llama.cpp")]
@@ -101,7 +100,7 @@ def run_engine(engine: str, threads: int, a, prompts: list[dict]) -> dict:
         r = run_json([sys.executable, os.path.join(HERE, "engines.py")], env, json.dumps(job), a.timeout)
     if r.get("threads") not in (None, threads):
         raise RunError(f"asked for {threads} threads, engine reports {r.get('threads')}")
-    if engine in OPTIONS and OPTIONS[engine][1] not in str(r.get("kernels")):
+    if engine in OPTIONS and OURS[engine] not in str(r.get("kernels")):
         raise RunError(f"KERNELS={OURS[engine]} ran {r.get('kernels')!r}, not its own kernel")
     if engine in OURS:
         r["cold_start_ms"] = r.get("ready_ms")  # process start -> ready, measured by the process itself
@@ -334,7 +333,7 @@ def has_option(engine: str) -> bool:
             flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
     except OSError:
         return False
-    return OPTIONS[engine][0] <= set(flags)
+    return OPTIONS[engine] <= set(flags)
 
 
 def machine_facts() -> list[str]:
@@ -449,7 +448,7 @@ def main(argv=None) -> int:
     engines = [e for e, _ in ENGINES if e not in OPTIONS or has_option(e)]
     for e in OPTIONS:
         if e not in engines:
-            log(f"this CPU lacks {', '.join(sorted(OPTIONS[e][0]))}: no KERNELS={e} runs")
+            log(f"this CPU lacks {', '.join(sorted(OPTIONS[e]))}: no KERNELS={e} runs")
     runs = []
     for t in threads:
         for rnd in range(1, a.rounds + 1):

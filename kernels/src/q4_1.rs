@@ -1083,10 +1083,10 @@ mod tests {
                                 Isa::Avx2Int8 => x8[b * BLOCK + e],
                                 _ => xv as f64,
                             };
-                            if isa == Isa::Avx2Int8 {
-                                s += (d * nib as f32) as f64 * xd + m as f64 * xd;
-                            } else if rounded {
-                                s += (d * nib as f32) as f64 * xd + m as f64 * xv as f64;
+                            if rounded {
+                                // The int8 body's minimums meet the rounded activations, the BF16 body's the exact.
+                                let xm = if isa == Isa::Avx2Int8 { xd } else { xv as f64 };
+                                s += (d * nib as f32) as f64 * xd + m as f64 * xm;
                             } else {
                                 s += (d * nib as f32 + m) as f64 * xv as f64;
                             }

@@ -13,7 +13,7 @@
 //! dequantization for a panel to save. Each (row, column) folds its groups in the same order on every path, so a
 //! row's bits do not depend on the rows or columns beside it.
 
-use super::avx2::{group, groups, minus_terms, reduce};
+use super::avx2::{group, groups, minus_terms, reduce, row_floats};
 use super::{Prepared, Q4_1Matrix, BLOCK};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -22,8 +22,6 @@ use std::ops::Range;
 const GROUP_BYTES: usize = 64;
 /// Floats of one row per group: each lane's scale (lane l: block 2g + l/4).
 const GROUP_SCALES: usize = 8;
-/// Blocks per vector of minimums.
-const MINS: usize = 8;
 /// Rows per tile, sharing each group's weights: 120 layers of the model's shapes on one thread, 30 rows 67.3–69.3 ms
 /// in tiles of up to 6 against 74.9–78.2 in tiles of 4 and 68.6–70.4 in tiles of 8 (162 rows: 368–383 against
 /// 399–437 and 380–391).
@@ -33,18 +31,19 @@ const TILE_ROWS: usize = 6;
 const CHUNK: usize = 32;
 
 /// What a prepared row takes: bytes of rounded activations (`u16` halves of `Prepared::xh`), floats of scales
-/// (`Prepared::xs`), floats of block sums padded to whole vectors of 8 (`Prepared::sums`).
+/// (`Prepared::xs`), floats of block sums padded as the exact AVX2 body pads them (`Prepared::sums`).
 pub(super) fn row_sizes(nb: usize) -> (usize, usize, usize) {
     (
         groups(nb) * GROUP_BYTES / 2,
         groups(nb) * GROUP_SCALES,
-        nb.div_ceil(MINS) * MINS,
+        row_floats(nb).1,
     )
 }
 
 /// One row: per group of 2 blocks, the rounded activations as 64 bytes (`[even elements of block 2g | of block 2g + 1]`
 /// then the odd ones alike, the order in which `vpmaddubsw` meets the low and high nibbles of the group's 32 bytes)
-/// and 8 scales (block 2g's over lanes 0..4, block 2g + 1's over 4..8); the exact block sums; zeros past the last block.
+/// and 8 scales (block 2g's over lanes 0..4, block 2g + 1's over 4..8); each block's sum of its rounded activations
+/// (`s·Σx̂`); zeros past the last block.
 ///
 /// # Safety
 /// The CPU must have AVX2.
@@ -53,8 +52,13 @@ pub(super) unsafe fn arrange(xr: &[f32], nb: usize, xb: &mut [u8], scales: &mut 
     let ng = groups(nb);
     debug_assert!(xr.len() == nb * BLOCK && xb.len() == ng * GROUP_BYTES && scales.len() == ng * GROUP_SCALES);
     sums[nb..].fill(0.0);
-    xb.fill(0);
-    scales.fill(0.0);
+    if nb % 2 == 1 {
+        // The missing second block of the last group.
+        let g = nb / 2;
+        xb[g * GROUP_BYTES + 16..][..16].fill(0);
+        xb[g * GROUP_BYTES + 48..][..16].fill(0);
+        scales[g * GROUP_SCALES + 4..][..4].fill(0.0);
+    }
     for (b, xv) in xr.chunks_exact(BLOCK).enumerate() {
         let (g, half) = (b / 2, b % 2);
         let (s, bytes, total) = unsafe { round_block(xv) };
@@ -143,10 +147,10 @@ unsafe fn by<const R: usize, const C: usize>(w: &Q4_1Matrix, p: &Prepared, r0: u
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile<const R: usize, const C: usize>(w: &Q4_1Matrix, p: &Prepared, r0: usize, y: *mut f32, c0: usize) {
     let nb = w.blocks();
-    let (ng, nh) = (groups(nb), nb.div_ceil(MINS));
+    let ng = groups(nb);
     let xb = unsafe { p.xh.as_ptr().cast::<u8>().add(r0 * ng * GROUP_BYTES) };
     let scales = unsafe { p.xs.as_ptr().add(r0 * ng * GROUP_SCALES) };
-    let sums = unsafe { p.sums.as_ptr().add(r0 * nh * MINS) };
+    let sums = unsafe { p.sums.as_ptr().add(r0 * row_floats(nb).1) };
     let column: [(*const u8, *const u16); C] = std::array::from_fn(|c| w.column(c0 + c));
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
