@@ -3,7 +3,7 @@
 //! and shift), and meets the activations arranged as the transpose of the group's 8 × 8 values (`arrange`). Tiles of
 //! up to 4 rows share each group's weights, one row running 2 columns at once (120 layers of 576 × 960, one thread,
 //! weights in cache: 5.1 against 6.0–6.2 ms one column at a time); from `PANEL_ROWS` rows each column is dequantized
-//! once into a panel that passes of 3 rows × 3 columns read. Each (row, column) sums in the same 2 chains in the same
+//! once into a panel of 4 columns that passes of 3 rows read. Each (row, column) sums in the same 2 chains in the same
 //! order on every path, so a row's bits do not depend on the rows or columns beside it.
 
 use super::{block_sums, Prepared, Q4_1Matrix, BLOCK, NIBBLE_SCALE};
@@ -117,19 +117,11 @@ pub(super) fn arrange_group(xr: &[f32], nb: usize, g: usize, group: &mut [f32]) 
 /// Rows from which a call dequantizes each column once into a panel that passes read (`panels`): 8 rows in panels,
 /// 120 layers of the model's shapes on one thread, 31.0–31.2 against 32.2–32.3 ms as two tiles of 4.
 const PANEL_ROWS: usize = 8;
-/// Columns per panel: 6 where a panel of 6 stays in the first-level cache beside 3 rows (K = 576: 162 rows of a 576 ×
-/// 3072 layer, one thread, 1016 → 931 ms), else 3 (K = 1536: 6.3 KB a column).
-fn panel_cols(per_col: usize) -> usize {
-    if per_col * size_of::<__m256>() <= 3072 {
-        6
-    } else {
-        3
-    }
-}
-
-/// Rows and columns per pass over a panel: 9 accumulators, 3 activations and a weight vector in the 16 registers.
+/// Rows and columns per pass over a panel, and columns per panel: 12 accumulators, 3 activations and a weight vector
+/// in the 16 registers (120 layers of the model's shapes on one thread: 162 rows 464–471 against 519–527 ms in passes
+/// of 3 × 3, 30 rows 88–89 against 89–91).
 const PASS_ROWS: usize = 3;
-const PASS_COLS: usize = 3;
+const PASS_COLS: usize = 4;
 
 /// Every column in `cols` for every prepared row.
 ///
@@ -227,43 +219,38 @@ thread_local! {
     static PANEL: std::cell::RefCell<Vec<__m256>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Many rows: each block of `panel_cols` columns is dequantized once into a panel (the very vectors `tile` forms), then
-/// passes of up to 4 rows × 2 columns run `tile`'s operations on it in `tile`'s order, so a row's bits match `tile`'s.
+/// Many rows: each block of `PASS_COLS` columns is dequantized once into a panel (the very vectors `tile` forms), then
+/// passes of up to `PASS_ROWS` rows run `tile`'s operations on all of it in `tile`'s order, so a row's bits match
+/// `tile`'s.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panels(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Range<usize>) {
     let nb = w.blocks();
     let per_col = groups(nb) * 8 + min_vectors(nb);
     PANEL.with_borrow_mut(|panel| {
-        let panel_cols = panel_cols(per_col);
-        panel.resize(panel_cols * per_col, _mm256_setzero_ps());
-        let mut c = cols.start;
-        while c < cols.end {
-            let width = (cols.end - c).min(panel_cols);
+        panel.resize(PASS_COLS * per_col, _mm256_setzero_ps());
+        for c in (cols.start..cols.end).step_by(PASS_COLS) {
+            let width = (cols.end - c).min(PASS_COLS);
             for (i, dst) in panel.chunks_exact_mut(per_col).take(width).enumerate() {
                 unsafe { dequantize(w, c + i, dst) };
             }
             for (r, rows) in super::row_tiles(p.rows, PASS_ROWS) {
-                let mut i = 0;
-                while i < width {
-                    let at = &panel[i * per_col..];
-                    let n = (width - i).min(PASS_COLS);
-                    unsafe {
-                        match (rows, n) {
-                            (3, 3) => pass::<3, 3>(w, p, at, per_col, r, y, c + i),
-                            (2, 3) => pass::<2, 3>(w, p, at, per_col, r, y, c + i),
-                            (1, 3) => pass::<1, 3>(w, p, at, per_col, r, y, c + i),
-                            (3, 2) => pass::<3, 2>(w, p, at, per_col, r, y, c + i),
-                            (2, 2) => pass::<2, 2>(w, p, at, per_col, r, y, c + i),
-                            (1, 2) => pass::<1, 2>(w, p, at, per_col, r, y, c + i),
-                            (3, _) => pass::<3, 1>(w, p, at, per_col, r, y, c + i),
-                            (2, _) => pass::<2, 1>(w, p, at, per_col, r, y, c + i),
-                            _ => pass::<1, 1>(w, p, at, per_col, r, y, c + i),
-                        }
+                unsafe {
+                    match (rows, width) {
+                        (3, 4) => pass::<3, 4>(w, p, panel, per_col, r, y, c),
+                        (2, 4) => pass::<2, 4>(w, p, panel, per_col, r, y, c),
+                        (1, 4) => pass::<1, 4>(w, p, panel, per_col, r, y, c),
+                        (3, 3) => pass::<3, 3>(w, p, panel, per_col, r, y, c),
+                        (2, 3) => pass::<2, 3>(w, p, panel, per_col, r, y, c),
+                        (1, 3) => pass::<1, 3>(w, p, panel, per_col, r, y, c),
+                        (3, 2) => pass::<3, 2>(w, p, panel, per_col, r, y, c),
+                        (2, 2) => pass::<2, 2>(w, p, panel, per_col, r, y, c),
+                        (1, 2) => pass::<1, 2>(w, p, panel, per_col, r, y, c),
+                        (3, _) => pass::<3, 1>(w, p, panel, per_col, r, y, c),
+                        (2, _) => pass::<2, 1>(w, p, panel, per_col, r, y, c),
+                        _ => pass::<1, 1>(w, p, panel, per_col, r, y, c),
                     }
-                    i += n;
                 }
             }
-            c += width;
         }
     });
 }
