@@ -326,13 +326,28 @@ unsafe fn pass<const R: usize, const C: usize>(
     }
 }
 
-/// Group `g` of a column (`left` blocks from it to the column's end): its 2 blocks of nibbles (32 bytes; a last group
-/// of 1 block has zeros above) and each lane's scale (lane l: block 2g + l/4), fetching a few columns ahead.
+/// Group `g` of a column (`left` blocks from it to the column's end): `load_group`'s, fetching a few columns ahead.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 pub(super) unsafe fn group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m256i, __m256) {
+    fetch_ahead(qrow, dmrow, g);
+    unsafe { load_group(qrow, dmrow, g, left) }
+}
+
+/// Asks for the nibbles and scales a few columns past group `g` of a column (the weights stream from memory once per
+/// call).
+#[inline]
+#[target_feature(enable = "sse")]
+pub(super) fn fetch_ahead(qrow: *const u8, dmrow: *const u16, g: usize) {
     _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 32 + PREFETCH_Q).cast());
     _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 4 + PREFETCH_DM).cast());
+}
+
+/// Group `g` of a column (`left` blocks from it to the column's end): its 2 blocks of nibbles (32 bytes; a last group
+/// of 1 block has zeros above) and each lane's scale (lane l: block 2g + l/4).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn load_group(qrow: *const u8, dmrow: *const u16, g: usize, left: usize) -> (__m256i, __m256) {
     let (v, dm) = unsafe {
         if left >= 2 {
             (
