@@ -254,8 +254,10 @@ fn append(
     }
 }
 
-/// Every (sequence, row, head) on its own, on up to `tasks` tasks: for prompts, taken in turn as each task comes free
-/// (later rows have more keys); for decode steps, in contiguous runs of heads.
+/// Every (sequence, row, head) on its own, on up to `tasks` tasks, the query heads that share a key/value head together
+/// (`attention::attend_group`, which reads the keys and values once for all of them and gives each head its bits
+/// alone): for prompts, each (sequence, row, key/value head) taken in turn as each task comes free (later rows have
+/// more keys); for decode steps, each task a contiguous run of heads.
 #[allow(clippy::too_many_arguments)]
 fn attend_all(
     ctx: &ComputeContext,
@@ -268,28 +270,34 @@ fn attend_all(
     out: &mut [f32],
 ) -> ort::Result<()> {
     let Dims { b, s, h, kvh, d, .. } = dims;
-    let scale = 1.0 / (d as f32).sqrt();
+    let (scale, group) = (1.0 / (d as f32).sqrt(), h / kvh);
     let dst = Out(out.as_mut_ptr());
-    let item = move |item: usize| {
+    // Heads `first..first + count` of one (sequence, row), all of key/value head `first / group`.
+    let heads = move |item: usize, count: usize| {
         SCORES.with_borrow_mut(|scores| {
             let (seq, row, head) = (item / (s * h), item / h % s, item % h);
             let n = past[seq] + row + 1;
-            let at = dims.at(seq, head / (h / kvh), 0);
-            let q = &rotated[item * d..][..d];
-            // SAFETY: `out` holds B·S·H·D floats and each item writes its own D of them.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(item * d), d) };
-            attention::attend(q, &pk[at..at + n * d], &pv[at..at + n * d], n, scale, scores, o);
+            let at = dims.at(seq, head / group, 0);
+            let qs = &rotated[item * d..][..count * d];
+            // SAFETY: `out` holds B·S·H·D floats and each call writes its own heads' D of them.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(item * d), count * d) };
+            attention::attend_group(d, qs, &pk[at..at + n * d], &pv[at..at + n * d], n, scale, scores, o);
         })
     };
     let items = b * s * h;
     if s == 1 {
-        // Decode steps: each task a contiguous run of heads, so the query heads that read one key/value head mostly
-        // share a thread and its cache (ONNX Runtime's profiler: 11 % and 20 % less time in attention than dealing them
-        // round-robin, in two runs).
+        // Decode steps: each task a contiguous run of heads, cut where the key/value head changes, so the query heads
+        // that read one key/value head mostly share a thread and its cache (ONNX Runtime's profiler: 11 % and 20 %
+        // less time in attention than dealing them round-robin, in two runs).
         let tasks = tasks.min(items);
         return run_tasks(ctx, tasks, &|t| {
-            (t * items / tasks..(t + 1) * items / tasks).for_each(item)
+            let (mut first, last) = (t * items / tasks, (t + 1) * items / tasks);
+            while first < last {
+                let count = (group - first % group).min(last - first);
+                heads(first, count);
+                first += count;
+            }
         });
     }
-    run_chunks(ctx, tasks, items, &item)
+    run_chunks(ctx, tasks, b * s * kvh, &|g| heads(g * group, group))
 }
