@@ -114,9 +114,10 @@ pub(super) fn arrange_group(xr: &[f32], nb: usize, g: usize, group: &mut [f32]) 
     }
 }
 
-/// Rows from which a call dequantizes each column once into a panel that passes read (`panels`): 8 rows in panels,
-/// 120 layers of the model's shapes on one thread, 31.0–31.2 against 32.2–32.3 ms as two tiles of 4.
-const PANEL_ROWS: usize = 8;
+/// Rows from which a call dequantizes each column once into a panel that passes read (`panels`): 120 layers of the
+/// model's shapes on one thread, 5 rows 21.7 against 24.9 ms in tiles, 6 rows 24.3 against 27.4, 8 rows 29.8 against
+/// 32.6 (4 rows: 20.9 against 16.3).
+const PANEL_ROWS: usize = 5;
 /// Rows and columns per pass over a panel, and columns per panel: 12 accumulators, 3 activations and a weight vector
 /// in the 16 registers (120 layers of the model's shapes on one thread: 162 rows 464–471 against 519–527 ms in passes
 /// of 3 × 3, 30 rows 88–89 against 89–91).
