@@ -22,10 +22,10 @@ use std::ops::Range;
 const GROUP_BYTES: usize = 64;
 /// Floats of one row per group: each lane's scale (lane l: block 2g + l/4).
 const GROUP_SCALES: usize = 8;
-/// Rows per tile, sharing each group's weights: 120 layers of the model's shapes on one thread, 30 rows 67.3–69.3 ms
-/// in tiles of up to 6 against 74.9–78.2 in tiles of 4 and 68.6–70.4 in tiles of 8 (162 rows: 368–383 against
-/// 399–437 and 380–391).
-const TILE_ROWS: usize = 6;
+/// Rows per tile, sharing each group's weights: 120 layers of the model's shapes on one thread, 8 rows 16.8 ms in one
+/// tile against 19.5–20.3 as tiles of 6 and 2, 30 rows 62.6–63.0 against 64.7–65.0, 162 rows 344–345 against 352–354
+/// (tiles of 4 had been slower still: 30 rows 74.9–78.2 ms).
+const TILE_ROWS: usize = 8;
 /// Columns per chunk: every tile of rows runs over a chunk's columns before the next chunk, so its weights stay in
 /// cache across the tiles, and only the first tile fetches ahead (162 rows, 120 layers, one thread: 368–383 → 349–351
 /// ms without the later tiles' prefetches).
@@ -126,7 +126,9 @@ pub(super) unsafe fn columns(w: &Q4_1Matrix, p: &Prepared, y: *mut f32, cols: Ra
                     3 => by::<3, 1>(w, p, r, y, chunk.clone(), fetch),
                     4 => by::<4, 1>(w, p, r, y, chunk.clone(), fetch),
                     5 => by::<5, 1>(w, p, r, y, chunk.clone(), fetch),
-                    _ => by::<6, 1>(w, p, r, y, chunk.clone(), fetch),
+                    6 => by::<6, 1>(w, p, r, y, chunk.clone(), fetch),
+                    7 => by::<7, 1>(w, p, r, y, chunk.clone(), fetch),
+                    _ => by::<8, 1>(w, p, r, y, chunk.clone(), fetch),
                 }
             }
         }
