@@ -336,12 +336,17 @@ pub(super) unsafe fn group(qrow: *const u8, dmrow: *const u16, g: usize, left: u
 }
 
 /// Asks for the nibbles and scales a few columns past group `g` of a column (the weights stream from memory once per
-/// call).
+/// call): one request per cache line, the nibbles' every 2 groups and the scales' every 8, 64 bytes apart (120 layers
+/// of one row on one thread: 8.84–8.97 → 8.35–8.61 ms against a request per group for each; every 4 groups: 9.0–9.2).
 #[inline]
 #[target_feature(enable = "sse")]
 pub(super) fn fetch_ahead(qrow: *const u8, dmrow: *const u16, g: usize) {
-    _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 32 + PREFETCH_Q).cast());
-    _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 4 + PREFETCH_DM).cast());
+    if g.is_multiple_of(2) {
+        _mm_prefetch::<_MM_HINT_T0>(qrow.wrapping_add(g * 32 + PREFETCH_Q).cast());
+    }
+    if g.is_multiple_of(8) {
+        _mm_prefetch::<_MM_HINT_T0>(dmrow.wrapping_add(g * 4 + PREFETCH_DM).cast());
+    }
 }
 
 /// Group `g` of a column (`left` blocks from it to the column's end): its 2 blocks of nibbles (32 bytes; a last group
