@@ -21,6 +21,21 @@ fn load_with(prefix_cache_bytes: usize, kernels: Kernels) -> Engine {
     Engine::load(&dir, &options).unwrap_or_else(|e| panic!("cannot load {} (run `make setup`): {e}", dir.display()))
 }
 
+/// An explicit option's engine: where the CPU has the option's instructions, its own kernel must be the one loaded.
+fn load_option(prefix_cache_bytes: usize, kernels: Kernels) -> Engine {
+    use lambda_llm_kernels::q4_1::Isa;
+    let engine = load_with(prefix_cache_bytes, kernels);
+    let (own, word) = match kernels {
+        Kernels::Bf16 => (Isa::detect_bf16().is_some(), "bf16"),
+        Kernels::Int8 => (Isa::detect_int8().is_some(), "int8"),
+        other => panic!("{other:?} is not an explicit option"),
+    };
+    if own {
+        assert!(engine.model.kernels().contains(word), "{}", engine.model.kernels());
+    }
+    engine
+}
+
 fn chat(engine: &Engine, turns: &[(&str, &str)]) -> Vec<u32> {
     let messages: Vec<ChatMessage> = turns.iter().map(|&(role, text)| ChatMessage::new(role, text)).collect();
     engine.chat_prompt(&messages).unwrap()
@@ -81,20 +96,14 @@ fn eight_streams_joining_and_leaving_generate_exactly_what_each_would_alone() {
 /// The bfloat16 option (where the CPU has it) keeps the same promise: a row's bits do not depend on its neighbours.
 #[test]
 fn eight_streams_on_the_bf16_option_generate_exactly_what_each_would_alone() {
-    let engine = load_with(0, Kernels::Bf16);
-    if lambda_llm_kernels::q4_1::Isa::detect_bf16().is_some() {
-        assert!(engine.model.kernels().contains("bf16"), "{}", engine.model.kernels());
-    }
+    let engine = load_option(0, Kernels::Bf16);
     eight_streams(engine);
 }
 
 /// The int8 option (where the CPU has AVX2) too: its integer sums do not depend on the rows beside them.
 #[test]
 fn eight_streams_on_the_int8_option_generate_exactly_what_each_would_alone() {
-    let engine = load_with(0, Kernels::Int8);
-    if lambda_llm_kernels::q4_1::Isa::detect_int8().is_some() {
-        assert!(engine.model.kernels().contains("int8"), "{}", engine.model.kernels());
-    }
+    let engine = load_option(0, Kernels::Int8);
     eight_streams(engine);
 }
 
@@ -155,20 +164,14 @@ fn a_growing_chat_reuses_its_prefix_and_generates_exactly_what_it_would_alone() 
 /// The same on the bfloat16 option (where the CPU has it): prompt rows and decode rows of a sequence get the same bits.
 #[test]
 fn a_growing_chat_on_the_bf16_option_reuses_its_prefix_and_generates_exactly_what_it_would_alone() {
-    let engine = load_with(64 << 20, Kernels::Bf16);
-    if lambda_llm_kernels::q4_1::Isa::detect_bf16().is_some() {
-        assert!(engine.model.kernels().contains("bf16"), "{}", engine.model.kernels());
-    }
+    let engine = load_option(64 << 20, Kernels::Bf16);
     growing_chat(engine);
 }
 
 /// The same on the int8 option (where the CPU has AVX2).
 #[test]
 fn a_growing_chat_on_the_int8_option_reuses_its_prefix_and_generates_exactly_what_it_would_alone() {
-    let engine = load_with(64 << 20, Kernels::Int8);
-    if lambda_llm_kernels::q4_1::Isa::detect_int8().is_some() {
-        assert!(engine.model.kernels().contains("int8"), "{}", engine.model.kernels());
-    }
+    let engine = load_option(64 << 20, Kernels::Int8);
     growing_chat(engine);
 }
 

@@ -76,7 +76,7 @@ unsafe fn attend_avx512(
 ) {
     use std::arch::x86_64::*;
     let d = q.len();
-    prepare(q, keys, values, n, out, scores);
+    prepare(q.len(), q, keys, values, n, out, scores);
     let whole = if d == 4 * LANES { n - n % LANES } else { 0 };
     // 16 keys at a time (heads of 64): each key's 16 partial sums, then one butterfly of shuffles that adds every
     // key's lanes in `sum`'s order (lane i + lane i + 8, then + 4, + 2, + 1), so a key's score has the same bits here
@@ -138,11 +138,7 @@ unsafe fn attend_avx2(
     scores: &mut Vec<f32>,
     outs: &mut [f32],
 ) {
-    let heads = qs.len() / d;
-    let padded = n.next_multiple_of(LANES);
-    assert!(d.is_multiple_of(LANES) && outs.len() == qs.len() && keys.len() >= n * d && values.len() >= n * d && n > 0);
-    scores.clear();
-    scores.resize(heads * padded, f32::NEG_INFINITY);
+    let padded = prepare(d, qs, keys, values, n, outs, scores);
     let whole = if d == 4 * LANES { n - n % 8 } else { 0 };
     for c0 in (0..whole).step_by(CHUNK_KEYS) {
         let c1 = (c0 + CHUNK_KEYS).min(whole);
@@ -346,20 +342,29 @@ unsafe fn softmax_times_values_avx512(values: &[f32], n: usize, scores: &mut [f3
 #[inline(always)]
 fn attend_any(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let d = q.len();
-    prepare(q, keys, values, n, out, scores);
+    prepare(q.len(), q, keys, values, n, out, scores);
     for j in 0..n {
         scores[j] = score(q, &keys[j * d..(j + 1) * d], scale);
     }
     softmax_times_values(values, n, scores, out)
 }
 
-/// Checks the lengths and sizes `scores` to whole vectors, padded with −∞.
+/// Checks the lengths for the heads of `d` floats in `qs` (and `outs`) and sizes `scores` to whole vectors per head,
+/// padded with −∞; returns the floats of scores per head.
 #[inline(always)]
-fn prepare(q: &[f32], keys: &[f32], values: &[f32], n: usize, out: &[f32], scores: &mut Vec<f32>) {
-    let d = q.len();
-    assert!(d.is_multiple_of(LANES) && out.len() == d && keys.len() >= n * d && values.len() >= n * d && n > 0);
+fn prepare(d: usize, qs: &[f32], keys: &[f32], values: &[f32], n: usize, outs: &[f32], scores: &mut Vec<f32>) -> usize {
+    assert!(
+        d.is_multiple_of(LANES)
+            && outs.len() == qs.len()
+            && qs.len().is_multiple_of(d)
+            && keys.len() >= n * d
+            && values.len() >= n * d
+            && n > 0
+    );
+    let padded = n.next_multiple_of(LANES);
     scores.clear();
-    scores.resize(n.next_multiple_of(LANES), f32::NEG_INFINITY);
+    scores.resize(qs.len() / d * padded, f32::NEG_INFINITY);
+    padded
 }
 
 /// `scale·q·k`: 16 lanes of products summed along the head, then across lanes by `sum`.
