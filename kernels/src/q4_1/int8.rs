@@ -13,7 +13,7 @@
 //! dequantization for a panel to save. Each (row, column) folds its groups in the same order on every path, so a
 //! row's bits do not depend on the rows or columns beside it.
 
-use super::avx2::{fetch_ahead, groups, load_group, minus_terms, reduce, row_floats};
+use super::avx2::{fetch_ahead, groups, load_group, minus_terms, reduce, row_floats, spread_shuffled};
 use super::{Prepared, Q4_1Matrix, BLOCK};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -184,7 +184,8 @@ unsafe fn tile<const R: usize, const C: usize>(
             if fetch {
                 fetch_ahead(column[c].0, column[c].1, g);
             }
-            let (v, d) = unsafe { load_group(column[c].0, column[c].1, g, nb - 2 * g) };
+            let (v, dm) = unsafe { load_group(column[c].0, column[c].1, g, nb - 2 * g) };
+            let d = spread_shuffled(dm);
             let lo = _mm256_and_si256(v, low);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
             for r in 0..R {
