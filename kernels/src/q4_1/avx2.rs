@@ -377,8 +377,8 @@ pub(super) unsafe fn load_group(qrow: *const u8, dmrow: *const u16, g: usize, le
 
 /// Each lane's scale from a group's `d0 m0 d1 m1` halves (lane l: block l / 4), as floats: one byte shuffle, then the
 /// conversion. In assembly because the compiler turns a constant `_mm_shuffle_epi8` into two word shuffles, and that
-/// one more operation per group and column made one row 5 % slower (120 layers of the model's shapes, one thread:
-/// 8.20–8.45 against 7.83–7.98 ms; the weights in cache, 5.13–5.31 against 4.90–4.97).
+/// one more operation per group and column made one row 5 % slower (120 layers of the model's shapes, one thread,
+/// 7 alternations: 8.20–8.52 against 7.81–7.98 ms; the weights in cache, 5.13–5.31 against 4.90–4.97).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 fn spread(dm: __m128i) -> __m256 {
