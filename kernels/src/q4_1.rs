@@ -4,7 +4,8 @@
 //! `2i + 1` in the high one; `dm` is `[N][K/32][2]` IEEE half-precision bit patterns, the block's scale `d` then its
 //! minimum `m` (GGUF keeps both as f16, so nothing is rounded). The result is `Σ_b d·Σ_j q·x + Σ_b m·Σ_j x`, the sum the
 //! reference forms from the dequantized weights, without an int8 rounding of the activations (unlike
-//! `accuracy_level` 4 and llama.cpp's Q8_1 dot products).
+//! `accuracy_level` 4 and llama.cpp's Q8_1 dot products). On AVX2 (`Isa::Avx2`) it reads the weights from a layout of
+//! its own, one column per 32-bit lane (`q4_1/lanes.rs`), formed on a matrix's first product there.
 //!
 //! `Isa::Avx512Bf16`, an explicit option, is not exact: it rounds the activations to bfloat16 for the `d·q` products
 //! (the minimums' term keeps them exact) and sums 32 products per instruction (`q4_1/bf16.rs`). `Isa::Avx2Int8`, an
@@ -18,28 +19,32 @@ pub const BLOCK: usize = 32;
 const PREFETCH_Q: usize = 2048;
 const PREFETCH_DM: usize = 256;
 
-/// One quantized weight matrix, borrowed from the session's initializers.
-#[derive(Clone, Copy, Debug)]
+/// One quantized weight matrix, borrowed from the session's initializers, and the AVX2 body's layout of it, formed on
+/// its first product there.
+#[derive(Clone, Debug)]
 pub struct Q4_1Matrix<'w> {
     pub k: usize,
     pub n: usize,
     q: &'w [u8],
     dm: &'w [u16],
+    #[cfg(target_arch = "x86_64")]
+    lanes: std::sync::Arc<std::sync::OnceLock<lanes::Lanes>>,
 }
 
 /// Per-call activations rearranged for the kernel, reused between calls.
 #[derive(Default)]
 pub struct Prepared {
     rows: usize,
-    /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); AVX2: per row, per group of 2
-    /// blocks, 8 vectors of 8 lanes, laid out chain by chain (`avx2::at`); portable: a copy of x.
+    /// AVX-512: per row, per group of 4 blocks, 8 vectors of 16 lanes (see `arrange`); AVX2: per row, per block its 32
+    /// activations over their weights' powers of two, then their sum (`lanes::arrange`); portable: a copy of x.
     xs: Aligned<f32>,
     /// AVX-512 BF16: per row, per group of 4 blocks, 4 vectors of 32 bfloat16 lanes (see `bf16::arrange`). AVX2 int8:
     /// per row, per group of 2 blocks, 64 bytes of rounded activations, two to a `u16` (see `int8::arrange`), their
     /// scales in `xs`.
     xh: Aligned<u16>,
-    /// Per row, the sum of x over each block; AVX-512 pads each row to whole vectors of 16 blocks with zeros (AVX2: of
-    /// 8), and AVX-512 BF16 follows each such vector with the sums of the bfloat16 activations of the same 16 blocks.
+    /// Per row, the sum of x over each block; AVX-512 pads each row to whole vectors of 16 blocks with zeros (AVX2 int8:
+    /// of 8; AVX2 keeps its sums in `xs`), and AVX-512 BF16 follows each such vector with the sums of the bfloat16
+    /// activations of the same 16 blocks.
     sums: Aligned<f32>,
 }
 
@@ -112,7 +117,7 @@ pub enum Isa {
     /// AVX-512 with its BF16 dot product: the activations rounded to bfloat16 (2⁻⁸ relative), 32 products per
     /// instruction; faster, not exact (see `bf16`). Only on request: `detect` never picks it.
     Avx512Bf16,
-    /// AVX2 with FMA and F16C, for x86-64 CPUs without AVX-512: the exact f32 body on 256-bit registers (`avx2`).
+    /// AVX2 with FMA and F16C, for x86-64 CPUs without AVX-512: the exact f32 body on 256-bit registers, on its own layout of the weights (`lanes`).
     Avx2,
     /// AVX2 with the activations rounded to 8-bit integers per block of 32 (llama.cpp's rounding of them), 32 integer
     /// products per instruction; faster, not exact (see `int8`). Only on request: `detect` never picks it.
@@ -186,7 +191,14 @@ impl<'w> Q4_1Matrix<'w> {
     /// Checks every length against `k` and `n`.
     pub fn new(k: usize, n: usize, q: &'w [u8], dm: &'w [u16]) -> Result<Self, String> {
         check_shape(k, n, &[("weights", q.len(), 16), ("scales and mins", dm.len(), 2)])?;
-        Ok(Self { k, n, q, dm })
+        Ok(Self {
+            k,
+            n,
+            q,
+            dm,
+            #[cfg(target_arch = "x86_64")]
+            lanes: Default::default(),
+        })
     }
 
     fn blocks(&self) -> usize {
@@ -195,6 +207,19 @@ impl<'w> Q4_1Matrix<'w> {
 
     fn groups(&self) -> usize {
         self.blocks().div_ceil(4)
+    }
+
+    /// Forms now, rather than on the first product, what `isa` reads instead of the packed weights (AVX2: its lanes),
+    /// and says whether `isa` reads the packed weights no more (so their pages may be let go).
+    pub fn settle(&self, isa: Isa) -> bool {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                self.lanes.get_or_init(|| lanes::Lanes::new(self));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Column `c`'s packed nibbles and its (scale, minimum) halves, from its first block.
@@ -241,8 +266,7 @@ impl<'w> Q4_1Matrix<'w> {
                     matches!(Isa::detect(), Isa::Avx2 | Isa::Avx512),
                     "Isa::Avx2 on a CPU without AVX2, FMA and F16C"
                 );
-                let (xs, sums) = avx2::row_floats(self.blocks());
-                (rows * xs, 0, rows * sums)
+                (rows * self.blocks() * lanes::PER_BLOCK, 0, 0)
             }
             Isa::Avx2Int8 => {
                 assert!(
@@ -320,15 +344,10 @@ impl<'w> Q4_1Matrix<'w> {
                 }
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => {
-                    let (g, h) = avx2::row_floats(nb);
-                    let (xs, sums) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(out.xs.add(r * g), g),
-                            std::slice::from_raw_parts_mut(out.sums.add(r * h), h),
-                        )
+                    let xs = unsafe {
+                        std::slice::from_raw_parts_mut(out.xs.add(r * nb * lanes::PER_BLOCK), nb * lanes::PER_BLOCK)
                     };
-                    // SAFETY: `prepare_begin` checked that the CPU has the instructions.
-                    unsafe { avx2::arrange(xr, nb, xs, sums) };
+                    lanes::arrange(xr, nb, xs);
                 }
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2Int8 => {
@@ -365,7 +384,9 @@ impl<'w> Q4_1Matrix<'w> {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => unsafe { avx512::columns::<bf16::Bf16>(self, p, y, cols) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::columns(self, p, y, cols) },
+            Isa::Avx2 => unsafe {
+                lanes::columns(self, self.lanes.get_or_init(|| lanes::Lanes::new(self)), p, y, cols)
+            },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Int8 => unsafe { int8::columns(self, p, y, cols) },
             _ => unsafe { self.columns_portable(p, y, cols) },
@@ -516,6 +537,8 @@ mod avx2;
 mod bf16;
 #[cfg(target_arch = "x86_64")]
 mod int8;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::reduce as reduce8;
@@ -1176,7 +1199,14 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_whatever_the_rows_beside_it() {
-        let (k, n, rows) = (576, 23, 11);
+        // N = 83: whole chunks of 64 columns, then a part chunk ending in a part group.
+        for rows in [2, 3, 4, 5, 6, 8, 11, 13] {
+            same_bits_alone_as_beside(rows);
+        }
+    }
+
+    fn same_bits_alone_as_beside(rows: usize) {
+        let (k, n) = (576, 83);
         let (q, dm, x) = case(&mut Rng(99), k, n, rows);
         let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();
         for isa in isas() {
@@ -1189,7 +1219,11 @@ mod tests {
                 let mut alone = vec![0f32; n];
                 unsafe { m.columns(isa, &p, alone.as_mut_ptr(), 0..n) };
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&alone), bits(&together[r * n..(r + 1) * n]), "{isa:?} row {r}");
+                assert_eq!(
+                    bits(&alone),
+                    bits(&together[r * n..(r + 1) * n]),
+                    "{isa:?} row {r} of {rows}"
+                );
             }
         }
     }
@@ -1288,32 +1322,55 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_avx2_transpose_holds_the_values_of_one_at_a_time_bit_for_bit() {
-        if !Isa::available().contains(&Isa::Avx2) {
-            eprintln!("no AVX2 on this CPU: only the portable arrangement runs");
-            return;
-        }
-        let mut rng = Rng(23);
-        // Whole groups of 2 blocks, and a last group of 1.
-        for nb in 1..=9 {
-            let xr = awkward_row(&mut rng, nb);
-            let ng = avx2::groups(nb);
-            let (xs_len, sums_len) = avx2::row_floats(nb);
-            let mut want = vec![1f32; xs_len];
-            for g in 0..ng {
-                let mut group = [0f32; avx2::GROUP];
-                avx2::arrange_group(&xr, nb, g, &mut group);
-                for (t, v) in group.chunks_exact(8).enumerate() {
-                    want[avx2::at(ng, g, t)..][..8].copy_from_slice(v);
-                }
+    fn the_lanes_hold_each_column_s_nibbles_and_halves_in_order() {
+        // N = 77: a last chunk of 2 groups, its last group 5 columns; K = 96: 3 blocks.
+        let (k, n) = (96, 77);
+        let (q, dm, _) = case(&mut Rng(41), k, n, 0);
+        let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();
+        let l = lanes::Lanes::new(&m);
+        let nb = k / BLOCK;
+        for c in 0..n {
+            for e in 0..k {
+                let (b, o, t) = (e / BLOCK, e % BLOCK / 8, e % 8);
+                let want = (q[(c * nb + b) * 16 + e % BLOCK / 2] >> (4 * (e % 2))) & 15;
+                assert_eq!(l.nibble(c, b, o, t), want, "column {c}, element {e}");
             }
-            let (mut got, mut sums) = (vec![2f32; xs_len], vec![3f32; sums_len]);
-            unsafe { avx2::arrange(&xr, nb, &mut got, &mut sums) };
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{nb} blocks");
-            let mut want_sums = vec![0f32; sums_len];
-            block_sums(&xr, &mut want_sums);
-            assert_eq!(bits(&sums), bits(&want_sums), "{nb} blocks' sums");
+            for b in 0..nb {
+                assert_eq!(
+                    l.halves(c, b),
+                    (dm[(c * nb + b) * 2], dm[(c * nb + b) * 2 + 1]),
+                    "column {c}, block {b}"
+                );
+            }
+        }
+        assert_eq!(l.nibble(n, 0, 0, 0), 0, "columns past N are zeros");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_lanes_rows_hold_each_activation_over_its_weight_s_power_of_two_then_the_block_sum() {
+        let mut rng = Rng(23);
+        for nb in 1..=4 {
+            let xr = awkward_row(&mut rng, nb);
+            let mut out = vec![f32::NAN; nb * lanes::PER_BLOCK];
+            lanes::arrange(&xr, nb, &mut out);
+            let mut sums = vec![0f32; nb];
+            block_sums(&xr, &mut sums);
+            for b in 0..nb {
+                for e in 0..BLOCK {
+                    let shift = 4 * (e % 8).min(6) as i32;
+                    let x = xr[b * BLOCK + e];
+                    assert_eq!(
+                        out[b * lanes::PER_BLOCK + e].to_bits(),
+                        (x / 2f32.powi(shift)).to_bits()
+                    );
+                    // Which undoes the weight's power of two exactly, unless the quotient is subnormal.
+                    if x.abs() >= 2f32.powi(-102) {
+                        assert_eq!(out[b * lanes::PER_BLOCK + e] * 2f32.powi(shift), x);
+                    }
+                }
+                assert_eq!(out[b * lanes::PER_BLOCK + BLOCK].to_bits(), sums[b].to_bits());
+            }
         }
     }
 

@@ -222,6 +222,10 @@ impl Operator for MatMulQ4_1 {
         let (q, dm): (&'attr [u8], &'attr [u16]) =
             unsafe { (stable(q.extract_tensor().1), stable(dm.extract_tensor().1)) };
         let matrix = Q4_1Matrix::new(k, n, q, dm).map_err(|e| ort::Error::new(format!("{OP}: {e}")))?;
+        if matrix.settle(self.isa) {
+            page_out(q);
+            page_out(dm);
+        }
         let norm = match info.get::<f32>("epsilon") {
             None if info.inputs()?.len() > 3 => {
                 return Err(ort::Error::new(format!(
@@ -254,6 +258,22 @@ impl Operator for MatMulQ4_1 {
             swiglu,
             norm,
         })
+    }
+}
+
+/// Asks the kernel to reclaim the whole pages of `s` now (`MADV_PAGEOUT`), for weights the kernels read from a layout
+/// of their own: pages mapped from the model's file are dropped and read again if ever touched; anonymous pages stay
+/// unless there is swap. Nothing is lost either way, and a refusal (an older kernel) only keeps the pages.
+fn page_out<T>(s: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let (start, end) = (s.as_ptr() as usize, s.as_ptr() as usize + std::mem::size_of_val(s));
+        let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+        if first < last {
+            // SAFETY: advice on pages inside the slice; PAGEOUT keeps their contents.
+            unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_PAGEOUT) };
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 //! dequantization for a panel to save. Each (row, column) folds its groups in the same order on every path, so a
 //! row's bits do not depend on the rows or columns beside it.
 
-use super::avx2::{fetch_ahead, groups, load_group, minus_terms, reduce, row_floats, spread_shuffled};
+use super::avx2::{fetch_ahead, groups, load_group, minus_terms, reduce, spread_shuffled, sum_floats};
 use super::{Prepared, Q4_1Matrix, BLOCK};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -32,13 +32,9 @@ const TILE_ROWS: usize = 8;
 const CHUNK: usize = 32;
 
 /// What a prepared row takes: bytes of rounded activations (`u16` halves of `Prepared::xh`), floats of scales
-/// (`Prepared::xs`), floats of block sums padded as the exact AVX2 body pads them (`Prepared::sums`).
+/// (`Prepared::xs`), floats of block sums padded to whole vectors of 8 (`Prepared::sums`).
 pub(super) fn row_sizes(nb: usize) -> (usize, usize, usize) {
-    (
-        groups(nb) * GROUP_BYTES / 2,
-        groups(nb) * GROUP_SCALES,
-        row_floats(nb).1,
-    )
+    (groups(nb) * GROUP_BYTES / 2, groups(nb) * GROUP_SCALES, sum_floats(nb))
 }
 
 /// One row: per group of 2 blocks, the rounded activations as 64 bytes (`[even elements of block 2g | of block 2g + 1]`
@@ -170,7 +166,7 @@ unsafe fn tile<const R: usize, const C: usize>(
     let ng = groups(nb);
     let xb = unsafe { p.xh.as_ptr().cast::<u8>().add(r0 * ng * GROUP_BYTES) };
     let scales = unsafe { p.xs.as_ptr().add(r0 * ng * GROUP_SCALES) };
-    let sums = unsafe { p.sums.as_ptr().add(r0 * row_floats(nb).1) };
+    let sums = unsafe { p.sums.as_ptr().add(r0 * sum_floats(nb)) };
     let column: [(*const u8, *const u16); C] = std::array::from_fn(|c| w.column(c0 + c));
     let (low, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
