@@ -1199,7 +1199,7 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_whatever_the_rows_beside_it() {
-        // N = 83: whole chunks of 64 columns, then a part chunk ending in a part group.
+        // N = 83: a whole chunk of 48 columns, then a part chunk ending in a part group.
         for rows in [2, 3, 4, 5, 6, 8, 11, 13] {
             same_bits_alone_as_beside(rows);
         }
@@ -1323,7 +1323,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_lanes_hold_each_column_s_nibbles_and_halves_in_order() {
-        // N = 77: a last chunk of 2 groups, its last group 5 columns; K = 96: 3 blocks.
+        // N = 77: a last chunk of 4 groups, its last group 5 columns; K = 96: 3 blocks.
         let (k, n) = (96, 77);
         let (q, dm, _) = case(&mut Rng(41), k, n, 0);
         let m = Q4_1Matrix::new(k, n, &q, &dm).unwrap();

@@ -1,23 +1,26 @@
 //! The exact AVX2 body (x86-64 without AVX-512). The weights are laid out again once per matrix (`Lanes`) with one
 //! column per 32-bit lane, so that a register of 8 weights holds 8 columns at one position of K, and each row's
 //! activation meets it broadcast. A (row, column) then sums in one lane in the order of K, a block's 32 products and
-//! then its minimum times the block's sum, and its 8 columns come out together, with no sum across lanes. Up to 4 rows
-//! run tiles that form each weight vector once in registers (`tile`); from `PANEL_ROWS` rows each chunk of 64 columns
-//! is formed once into panels that 6-row × 16-column passes read (`pass`: 12 accumulators, the shape that keeps both
+//! then its minimum times the block's sum, and its 8 columns come out together, with no sum across lanes. Tiles of up
+//! to 4 rows form each weight vector once in registers (`tile`); from `PANEL_ROWS` rows each chunk of 48 columns is
+//! formed once into panels that passes of 6 rows × 16 columns read (`pass`: 12 accumulators, the shape that keeps both
 //! FMA pipes busy). Both form the same weight vectors with the same instructions and add them in the same order, so a
 //! row's bits do not depend on the rows or columns beside it.
 //!
 //! 120 layers of the model's shapes, random weights, one thread, best of 3 alternations against the layout it replaced
 //! (a column's nibbles across the lanes, two chains summed across the lanes at the end, panels of 3 rows × 4 columns):
-//! one row 7.6 against 8.1 ms; 2–8 rows 2–8 % slower (8 rows 29.0 against 27.9); 13 rows 40.6 against 42.8; 30 rows
-//! 80.7 against 90.8; 162 rows 403 against 479. The layout is formed when the session loads (`Q4_1Matrix::settle`).
+//! one row 6.4 against 8.1 ms, 2 rows 9.0 against 11.1, 4 rows 14.6 against 16.3, 5–9 rows within 3 % either way, 13
+//! rows 40.7 against 43.2, 30 rows 81.4 against 97.3, 162 rows 413 against 497. The layout is formed when the session
+//! loads (`Q4_1Matrix::settle`).
 
 use super::{Prepared, Q4_1Matrix, BLOCK};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-/// Groups of 8 columns per chunk of the layout.
-const CHUNK: usize = 8;
+/// Groups of 8 columns per chunk of the layout: one row's tile takes a chunk at a time, its 6 accumulators and 6
+/// scales in registers (120 layers, one thread: one row 6.5 ms against 7.5–7.8 with chunks of 8 groups and the scales
+/// read from memory; 2–4 rows 9–20 % faster too). 48 columns divide every N of the model and its halves.
+const CHUNK: usize = 6;
 /// Floats of a prepared row per block: its 32 activations, each divided by the power of two its weight carries
 /// (`SCALE`), then the block's sum.
 pub(super) const PER_BLOCK: usize = BLOCK + 1;
@@ -49,16 +52,17 @@ static MASKS: [[u32; 8]; 8] = {
     }
     m
 };
-/// Rows from which a call forms panels (`panels`) instead of tiles (5 rows: 21.4 against 23.0 ms in tiles of 4; 6–8
-/// rows within 3 % either way).
-const PANEL_ROWS: usize = 5;
+/// Rows from which a call forms panels (`panels`) instead of running tiles of up to 4 rows (120 layers, one thread:
+/// 5–8 rows 1–9 % faster in tiles, 8 rows 27.5 against 29.0 ms; 9 rows 30.4 against 33.7 in panels, 16 rows 47.9
+/// against 54.7).
+const PANEL_ROWS: usize = 9;
 /// Rows per micro-kernel over a panel: 12 accumulators, 2 weight vectors and a broadcast activation in the 16 registers.
 const PASS_ROWS: usize = 6;
 /// How far ahead (bytes) the weights are fetched (they stream from memory once per call).
 const PREFETCH: usize = 2048;
 
 /// A matrix's weights in the lane layout: chunk h (8 groups of 8 columns), block b, octet o (positions 8o..8o + 8 of
-/// the block), group j: 8 lanes of 32 bits, lane l holding column `64h + 8j + l`'s 8 nibbles of the octet (nibble t at
+/// the block), group j: 8 lanes of 32 bits, lane l holding column `48h + 8j + l`'s 8 nibbles of the octet (nibble t at
 /// bits 4t..4t + 4, the low nibble of each byte first, as `MatMulNBits` packs them); and per chunk, block and group the
 /// 8 scales then the 8 minimums as halves. Columns past N are zeros.
 #[derive(Debug)]
@@ -74,12 +78,12 @@ impl Lanes {
         let chunks = w.n.div_ceil(8 * CHUNK);
         let mut q = Vec::with_capacity(chunks * nb * 4 * CHUNK);
         let mut dm = Vec::with_capacity(chunks * nb * CHUNK);
-        // In the layout's order, a chunk's block at a time (its 64 columns' 16 bytes each).
+        // In the layout's order, a chunk's block at a time (its 48 columns' 16 bytes each).
         for h in 0..chunks {
             for b in 0..nb {
                 let mut units = [[0u32; 8]; 4 * CHUNK];
                 let mut halves = [[0u16; 16]; CHUNK];
-                for c in 64 * h..(64 * h + 64).min(w.n) {
+                for c in 8 * CHUNK * h..(8 * CHUNK * (h + 1)).min(w.n) {
                     let (j, l) = (c / 8 % CHUNK, c % 8);
                     let src = &w.q[(c * nb + b) * 16..][..16];
                     for (o, bytes) in src.chunks_exact(4).enumerate() {
@@ -145,7 +149,7 @@ pub(super) unsafe fn columns(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f3
             let avail = (g1 - g).min(CHUNK - j);
             let step = unsafe {
                 match (rows, avail) {
-                    (1, 8..) => tile::<1, 8>(l, p, r0, &out, h, j),
+                    (1, 6..) => tile::<1, 6>(l, p, r0, &out, h, j),
                     (1, 4..) => tile::<1, 4>(l, p, r0, &out, h, j),
                     (1, 2..) => tile::<1, 2>(l, p, r0, &out, h, j),
                     (1, _) => tile::<1, 1>(l, p, r0, &out, h, j),
@@ -230,6 +234,43 @@ unsafe fn weight<const T: usize>(q: *const [u32; 8], d: *const __m256) -> __m256
     w
 }
 
+/// `weight` with the scales `d` in a register.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn weight_by<const T: usize>(q: *const [u32; 8], d: __m256) -> __m256 {
+    let mask = unsafe { _mm256_load_si256(MASKS[T].as_ptr().cast()) };
+    let w: __m256;
+    // SAFETY: reads 32 bytes at `q`; no other memory, stack or flags.
+    unsafe {
+        if T < 7 {
+            std::arch::asm!(
+                "vpand {w}, {mask}, ymmword ptr [{q}]",
+                "vcvtdq2ps {w}, {w}",
+                "vmulps {w}, {w}, {d}",
+                w = out(ymm_reg) w,
+                mask = in(ymm_reg) mask,
+                q = in(reg) q,
+                d = in(ymm_reg) d,
+                options(readonly, nostack, preserves_flags),
+            );
+        } else {
+            std::arch::asm!(
+                "vmovdqu {w}, ymmword ptr [{q}]",
+                "vpsrld {w}, {w}, 4",
+                "vpand {w}, {w}, {mask}",
+                "vcvtdq2ps {w}, {w}",
+                "vmulps {w}, {w}, {d}",
+                w = out(ymm_reg) w,
+                mask = in(ymm_reg) mask,
+                q = in(reg) q,
+                d = in(ymm_reg) d,
+                options(readonly, nostack, preserves_flags),
+            );
+        }
+    }
+    w
+}
+
 /// The scales and minimums of `W` groups (from `dm` on) as floats.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
@@ -260,20 +301,21 @@ unsafe fn tile<const R: usize, const W: usize>(
         unsafe { halves::<W>(l.dm.as_ptr().add((h * nb + b) * CHUNK + j), &mut d, &mut m) };
         for o in 0..4 {
             let qo = qb.wrapping_add(o * CHUNK);
-            _mm_prefetch::<_MM_HINT_T0>(qo.cast::<i8>().wrapping_add(PREFETCH));
-            if W > 2 {
-                _mm_prefetch::<_MM_HINT_T0>(qo.cast::<i8>().wrapping_add(PREFETCH + 64));
-            }
-            if W > 4 {
-                _mm_prefetch::<_MM_HINT_T0>(qo.cast::<i8>().wrapping_add(PREFETCH + 128));
-                _mm_prefetch::<_MM_HINT_T0>(qo.cast::<i8>().wrapping_add(PREFETCH + 192));
+            for line in 0..(W * 32).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(qo.cast::<i8>().wrapping_add(PREFETCH + 64 * line));
             }
             let at = b * PER_BLOCK + 8 * o;
             macro_rules! step {
                 ($t:literal) => {
                     let x: [__m256; R] = std::array::from_fn(|r| unsafe { _mm256_broadcast_ss(&*xs[r].add(at + $t)) });
                     for jj in 0..W {
-                        let wv = unsafe { weight::<$t>(qo.add(jj), d.as_ptr().add(jj)) };
+                        // One row keeps its W scales in registers; more rows read them from memory (their
+                        // broadcasts take the registers).
+                        let wv = if R == 1 {
+                            unsafe { weight_by::<$t>(qo.add(jj), d[jj]) }
+                        } else {
+                            unsafe { weight::<$t>(qo.add(jj), d.as_ptr().add(jj)) }
+                        };
                         for r in 0..R {
                             acc[r][jj] = _mm256_fmadd_ps(wv, x[r], acc[r][jj]);
                         }
@@ -310,8 +352,8 @@ thread_local! {
     static PANEL: std::cell::RefCell<Vec<__m256>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Many rows: the groups of each chunk (up to 64 columns) are formed once into a panel, `[position][group]` over the
-/// K + K/32 positions (a block's 32 weights, then its minimums), that passes of up to 6 rows × 16 columns read.
+/// Many rows: the groups of each chunk (up to 48 columns) are formed once into panels of 2 groups, `[position][group]`
+/// over the K + K/32 positions (a block's 32 weights, then its minimums), that passes of up to 6 rows read.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panels(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f32, cols: Range<usize>) {
     let nb = l.nb;
@@ -375,7 +417,7 @@ unsafe fn dequantize(l: &Lanes, h: usize, j: usize, width: usize, dst: *mut __m2
         let qb = unsafe { l.q.as_ptr().add((h * nb + b) * 4 * CHUNK + j) };
         unsafe { halves::<CHUNK>(l.dm.as_ptr().add((h * nb + b) * CHUNK), &mut d, &mut m) };
         let ahead = qb.wrapping_sub(j).cast::<i8>().wrapping_add(PREFETCH);
-        for line in 0..16 {
+        for line in 0..2 * CHUNK {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
         }
         for i in 0..width {
