@@ -117,7 +117,8 @@ pub enum Isa {
     /// AVX-512 with its BF16 dot product: the activations rounded to bfloat16 (2⁻⁸ relative), 32 products per
     /// instruction; faster, not exact (see `bf16`). Only on request: `detect` never picks it.
     Avx512Bf16,
-    /// AVX2 with FMA and F16C, for x86-64 CPUs without AVX-512: the exact f32 body on 256-bit registers, on its own layout of the weights (`lanes`).
+    /// AVX2 with FMA and F16C, for x86-64 CPUs without AVX-512: the exact f32 body on 256-bit registers, on its own
+    /// layout of the weights (`lanes`).
     Avx2,
     /// AVX2 with the activations rounded to 8-bit integers per block of 32 (llama.cpp's rounding of them), 32 integer
     /// products per instruction; faster, not exact (see `int8`). Only on request: `detect` never picks it.

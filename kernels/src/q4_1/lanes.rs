@@ -21,8 +21,8 @@ use std::ops::Range;
 /// scales in registers (120 layers, one thread: one row 6.5 ms against 7.5–7.8 with chunks of 8 groups and the scales
 /// read from memory; 2–4 rows 9–20 % faster too). 48 columns divide every N of the model and its halves.
 const CHUNK: usize = 6;
-/// Floats of a prepared row per block: its 32 activations, each divided by the power of two its weight carries
-/// (`SCALE`), then the block's sum.
+/// Floats of a prepared row per block: its 32 activations, each times `SCALE` (the inverse of the power of two its
+/// weight carries), then the block's sum.
 pub(super) const PER_BLOCK: usize = BLOCK + 1;
 /// Weight t of a lane's 8 nibbles is masked where it lies (t ≤ 6: `q·16^t·d`) or, the last, 4 bits lower (`q·16^6·d`,
 /// so the lane's sign bit stays clear); its activation is divided by the same power of two, which is exact, so every
@@ -61,10 +61,10 @@ const PASS_ROWS: usize = 6;
 /// How far ahead (bytes) the weights are fetched (they stream from memory once per call).
 const PREFETCH: usize = 2048;
 
-/// A matrix's weights in the lane layout: chunk h (8 groups of 8 columns), block b, octet o (positions 8o..8o + 8 of
-/// the block), group j: 8 lanes of 32 bits, lane l holding column `48h + 8j + l`'s 8 nibbles of the octet (nibble t at
-/// bits 4t..4t + 4, the low nibble of each byte first, as `MatMulNBits` packs them); and per chunk, block and group the
-/// 8 scales then the 8 minimums as halves. Columns past N are zeros.
+/// A matrix's weights in the lane layout: chunk h (`CHUNK` groups of 8 columns), block b, octet o (positions
+/// 8o..8o + 8 of the block), group j: 8 lanes of 32 bits, lane l holding column `48h + 8j + l`'s 8 nibbles of the
+/// octet (nibble t at bits 4t..4t + 4, the low nibble of each byte first, as `MatMulNBits` packs them); and per chunk,
+/// block and group the 8 scales then the 8 minimums as halves. Columns past N are zeros.
 #[derive(Debug)]
 pub struct Lanes {
     nb: usize,
@@ -115,8 +115,8 @@ impl Lanes {
     }
 }
 
-/// One row in the kernel's order (`out`: `nb` × `PER_BLOCK` floats): per block, its activations divided by `SCALE`,
-/// then their sum (in order, as `block_sums` forms it).
+/// One row in the kernel's order (`out`: `nb` × `PER_BLOCK` floats): per block, its activations times `SCALE`, then
+/// their sum (in order, as `block_sums` forms it).
 pub(super) fn arrange(xr: &[f32], nb: usize, out: &mut [f32]) {
     debug_assert!(xr.len() == nb * BLOCK && out.len() == nb * PER_BLOCK);
     for (xb, o) in xr.chunks_exact(BLOCK).zip(out.chunks_exact_mut(PER_BLOCK)) {
@@ -195,80 +195,57 @@ impl Out {
 }
 
 /// Weight t of an octet's 8 columns (`q` its 8 lanes): the nibble masked where it lies (or 4 bits lower, t = 7),
-/// converted, times the columns' scales (`d`, in memory). In assembly so that the compiler neither keeps the octet's
-/// lanes in registers across t nor merges their loads: each weight vector is one mask, one conversion and one
-/// multiply, the lanes and the scales read as memory operands.
+/// converted, times the columns' scales (`$d`: the assembly operand, then its binding). In assembly so that the
+/// compiler neither keeps the octet's lanes in registers across t nor merges their loads: each weight vector is one
+/// mask, one conversion and one multiply, the lanes read as a memory operand.
+macro_rules! weight {
+    ($t:expr, $q:expr, $d:literal, $($scales:tt)*) => {{
+        let mask = unsafe { _mm256_load_si256(MASKS[$t].as_ptr().cast()) };
+        let w: __m256;
+        // SAFETY: reads 32 bytes at `q` (and at the scales, in memory); no other memory, stack or flags.
+        unsafe {
+            if $t < 7 {
+                std::arch::asm!(
+                    "vpand {w}, {mask}, ymmword ptr [{q}]",
+                    "vcvtdq2ps {w}, {w}",
+                    concat!("vmulps {w}, {w}, ", $d),
+                    w = out(ymm_reg) w,
+                    mask = in(ymm_reg) mask,
+                    q = in(reg) $q,
+                    $($scales)*,
+                    options(readonly, nostack, preserves_flags),
+                );
+            } else {
+                std::arch::asm!(
+                    "vmovdqu {w}, ymmword ptr [{q}]",
+                    "vpsrld {w}, {w}, 4",
+                    "vpand {w}, {w}, {mask}",
+                    "vcvtdq2ps {w}, {w}",
+                    concat!("vmulps {w}, {w}, ", $d),
+                    w = out(ymm_reg) w,
+                    mask = in(ymm_reg) mask,
+                    q = in(reg) $q,
+                    $($scales)*,
+                    options(readonly, nostack, preserves_flags),
+                );
+            }
+        }
+        w
+    }};
+}
+
+/// `weight!` with the scales read from memory at `d`.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn weight<const T: usize>(q: *const [u32; 8], d: *const __m256) -> __m256 {
-    let mask = unsafe { _mm256_load_si256(MASKS[T].as_ptr().cast()) };
-    let w: __m256;
-    // SAFETY: reads 32 bytes at `q` and at `d`; no other memory, stack or flags.
-    unsafe {
-        if T < 7 {
-            std::arch::asm!(
-                "vpand {w}, {mask}, ymmword ptr [{q}]",
-                "vcvtdq2ps {w}, {w}",
-                "vmulps {w}, {w}, ymmword ptr [{d}]",
-                w = out(ymm_reg) w,
-                mask = in(ymm_reg) mask,
-                q = in(reg) q,
-                d = in(reg) d,
-                options(readonly, nostack, preserves_flags),
-            );
-        } else {
-            std::arch::asm!(
-                "vmovdqu {w}, ymmword ptr [{q}]",
-                "vpsrld {w}, {w}, 4",
-                "vpand {w}, {w}, {mask}",
-                "vcvtdq2ps {w}, {w}",
-                "vmulps {w}, {w}, ymmword ptr [{d}]",
-                w = out(ymm_reg) w,
-                mask = in(ymm_reg) mask,
-                q = in(reg) q,
-                d = in(reg) d,
-                options(readonly, nostack, preserves_flags),
-            );
-        }
-    }
-    w
+    weight!(T, q, "ymmword ptr [{d}]", d = in(reg) d)
 }
 
-/// `weight` with the scales `d` in a register.
+/// `weight!` with the scales `d` in a register.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn weight_by<const T: usize>(q: *const [u32; 8], d: __m256) -> __m256 {
-    let mask = unsafe { _mm256_load_si256(MASKS[T].as_ptr().cast()) };
-    let w: __m256;
-    // SAFETY: reads 32 bytes at `q`; no other memory, stack or flags.
-    unsafe {
-        if T < 7 {
-            std::arch::asm!(
-                "vpand {w}, {mask}, ymmword ptr [{q}]",
-                "vcvtdq2ps {w}, {w}",
-                "vmulps {w}, {w}, {d}",
-                w = out(ymm_reg) w,
-                mask = in(ymm_reg) mask,
-                q = in(reg) q,
-                d = in(ymm_reg) d,
-                options(readonly, nostack, preserves_flags),
-            );
-        } else {
-            std::arch::asm!(
-                "vmovdqu {w}, ymmword ptr [{q}]",
-                "vpsrld {w}, {w}, 4",
-                "vpand {w}, {w}, {mask}",
-                "vcvtdq2ps {w}, {w}",
-                "vmulps {w}, {w}, {d}",
-                w = out(ymm_reg) w,
-                mask = in(ymm_reg) mask,
-                q = in(reg) q,
-                d = in(ymm_reg) d,
-                options(readonly, nostack, preserves_flags),
-            );
-        }
-    }
-    w
+    weight!(T, q, "{d}", d = in(ymm_reg) d)
 }
 
 /// The scales and minimums of `W` groups (from `dm` on) as floats.
