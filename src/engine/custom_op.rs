@@ -275,6 +275,8 @@ fn page_out<T>(s: &[T]) {
             unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_PAGEOUT) };
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = s;
 }
 
 /// Extends a borrow of initializer memory to the kernel's lifetime.
