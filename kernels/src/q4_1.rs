@@ -5,7 +5,8 @@
 //! minimum `m` (GGUF keeps both as f16, so nothing is rounded). The result is `Σ_b d·Σ_j q·x + Σ_b m·Σ_j x`, the sum the
 //! reference forms from the dequantized weights, without an int8 rounding of the activations (unlike
 //! `accuracy_level` 4 and llama.cpp's Q8_1 dot products). On AVX2 (`Isa::Avx2`) it reads the weights from a layout of
-//! its own, one column per 32-bit lane (`q4_1/lanes.rs`), formed on a matrix's first product there.
+//! its own, one column per 32-bit lane (`q4_1/lanes.rs`), formed once per matrix (`Q4_1Matrix::settle`, else on its
+//! first product there).
 //!
 //! `Isa::Avx512Bf16`, an explicit option, is not exact: it rounds the activations to bfloat16 for the `d·q` products
 //! (the minimums' term keeps them exact) and sums 32 products per instruction (`q4_1/bf16.rs`). `Isa::Avx2Int8`, an
@@ -19,8 +20,8 @@ pub const BLOCK: usize = 32;
 const PREFETCH_Q: usize = 2048;
 const PREFETCH_DM: usize = 256;
 
-/// One quantized weight matrix, borrowed from the session's initializers, and the AVX2 body's layout of it, formed on
-/// its first product there.
+/// One quantized weight matrix, borrowed from the session's initializers, and the AVX2 body's layout of it, formed once
+/// (`settle`, else on its first product there).
 #[derive(Clone, Debug)]
 pub struct Q4_1Matrix<'w> {
     pub k: usize,
@@ -216,11 +217,17 @@ impl<'w> Q4_1Matrix<'w> {
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
-                self.lanes.get_or_init(|| lanes::Lanes::new(self));
+                self.lanes();
                 true
             }
             _ => false,
         }
+    }
+
+    /// The AVX2 body's layout of this matrix, formed on first use.
+    #[cfg(target_arch = "x86_64")]
+    fn lanes(&self) -> &lanes::Lanes {
+        self.lanes.get_or_init(|| lanes::Lanes::new(self))
     }
 
     /// Column `c`'s packed nibbles and its (scale, minimum) halves, from its first block.
@@ -385,9 +392,7 @@ impl<'w> Q4_1Matrix<'w> {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => unsafe { avx512::columns::<bf16::Bf16>(self, p, y, cols) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe {
-                lanes::columns(self, self.lanes.get_or_init(|| lanes::Lanes::new(self)), p, y, cols)
-            },
+            Isa::Avx2 => unsafe { lanes::columns(self, self.lanes(), p, y, cols) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Int8 => unsafe { int8::columns(self, p, y, cols) },
             _ => unsafe { self.columns_portable(p, y, cols) },

@@ -267,9 +267,10 @@ impl Operator for MatMulQ4_1 {
 fn page_out<T>(s: &[T]) {
     #[cfg(target_os = "linux")]
     {
-        const PAGE: usize = 4096;
+        // SAFETY: a query with no side effect.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
         let (start, end) = (s.as_ptr() as usize, s.as_ptr() as usize + std::mem::size_of_val(s));
-        let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+        let (first, last) = (start.next_multiple_of(page), end / page * page);
         if first < last {
             // SAFETY: advice on pages inside the slice; PAGEOUT keeps their contents.
             unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_PAGEOUT) };

@@ -384,8 +384,8 @@ fn balanced(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..tiles).map(move |i| (i * rows / tiles, (i + 1) * rows / tiles - i * rows / tiles))
 }
 
-/// Groups `j..j + width` of chunk `h` as `tile` forms them, into `dst`: position k of the K + K/32 at
-/// `dst[8k + i]` for group j + i.
+/// Groups `j..j + width` of chunk `h` as `tile` forms them, into `dst`, one panel per pair of groups: position k of
+/// the K + K/32 for group j + i at `dst[(i / 2)·2·positions + 2k + i % 2]`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequantize(l: &Lanes, h: usize, j: usize, width: usize, dst: *mut __m256) {
     let nb = l.nb;
