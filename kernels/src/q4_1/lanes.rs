@@ -1,32 +1,34 @@
 //! The exact AVX2 body (x86-64 without AVX-512). The weights are laid out again once per matrix (`Lanes`) with one
 //! column per 32-bit lane, so that a register of 8 weights holds 8 columns at one position of K, and each row's
-//! activation meets it broadcast. A (row, column) then sums in one lane in the order of K, a block's 32 products and
-//! then its minimum times the block's sum, and its 8 columns come out together, with no sum across lanes. Tiles of up
-//! to 4 rows form each weight vector once in registers (`tile`); from `PANEL_ROWS` rows each chunk of 48 columns is
-//! formed once into panels that passes of 6 rows × 16 columns read (`pass`: 12 accumulators, the shape that keeps both
-//! FMA pipes busy). Both form the same weight vectors with the same instructions and add them in the same order, so a
-//! row's bits do not depend on the rows or columns beside it.
+//! activation meets it broadcast. A (row, column) then sums in one lane: per block, its 32 products `16^t·q·x·16^−t`
+//! in the order of K from zero (every product exact), then the running sum plus that times the block's scale `d`,
+//! plus its minimum times the block's sum; its 8 columns come out together, with no sum across lanes. The scale
+//! comes in once per block rather than once per weight, so a weight vector is a mask and a conversion, and one row
+//! leaves the FMA pipes one operation per vector instead of two. Tiles of up to 4 rows form each weight vector once
+//! in registers (`tile`, rows split into tiles of 3 and 4 where they can be); from `PANEL_ROWS` rows each chunk of 48 columns is formed once into panels that passes of 6
+//! rows × 16 columns read (`pass`: 12 partial sums). Both form the same weight vectors with the same instructions and
+//! add them in the same order, so a row's bits do not depend on the rows or columns beside it.
 //!
-//! 120 layers of the model's shapes, random weights, one thread, best of 3 alternations against the layout it replaced
-//! (a column's nibbles across the lanes, two chains summed across the lanes at the end, panels of 3 rows × 4 columns):
-//! one row 6.4 against 8.1 ms, 2 rows 9.0 against 11.1, 4 rows 14.6 against 16.3, 5–9 rows within 3 % either way, 13
-//! rows 40.7 against 43.2, 30 rows 81.4 against 97.3, 162 rows 413 against 497. The layout is formed when the session
-//! loads (`Q4_1Matrix::settle`).
+//! 120 layers of the model's shapes, random weights, one thread, best of 3 alternations against the same layout with
+//! the scale multiplied into each weight (two FMA-pipe operations per vector): one row 4.8 against 6.6 ms, 2 rows 8.4
+//! against 10.1, 4 rows 14.0 against 14.6, 5 rows 17.2 against 21.1, 8 rows 23.8 against 29.0, 30 rows about 4 %
+//! slower (83–86 against 79–82) and 162 rows about 10 % (440–450 against 399–401): a pass pays two FMAs per block
+//! and partial sum where it paid one. The layout is formed when the session loads (`Q4_1Matrix::settle`).
 
 use super::{Prepared, Q4_1Matrix, BLOCK};
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-/// Groups of 8 columns per chunk of the layout: one row's tile takes a chunk at a time, its 6 accumulators and 6
-/// scales in registers (120 layers, one thread: one row 6.5 ms against 7.5–7.8 with chunks of 8 groups and the scales
-/// read from memory; 2–4 rows 9–20 % faster too). 48 columns divide every N of the model and its halves.
+/// Groups of 8 columns per chunk of the layout: one row's tile takes a chunk at a time, its 6 partial sums in
+/// registers (with the scale in each weight, 120 layers, one thread: one row 6.5 ms against 7.5–7.8 with chunks of 8
+/// groups; 2–4 rows 9–20 % faster too). 48 columns divide every N of the model and its halves.
 const CHUNK: usize = 6;
 /// Floats of a prepared row per block: its 32 activations, each times `SCALE` (the inverse of the power of two its
 /// weight carries), then the block's sum.
 pub(super) const PER_BLOCK: usize = BLOCK + 1;
-/// Weight t of a lane's 8 nibbles is masked where it lies (t ≤ 6: `q·16^t·d`) or, the last, 4 bits lower (`q·16^6·d`,
-/// so the lane's sign bit stays clear); its activation is divided by the same power of two, which is exact, so every
-/// product `q·d·x` is the very float it was (unless |x| < 2⁻¹⁰², where `x·2⁻²⁴` would be subnormal).
+/// Nibble t of a lane is masked where it lies (t ≤ 6: `16^t·q`) or, the last, shifted to the bottom (`q`, so the
+/// lane's sign bit plays no part); its activation is divided by the same power of two, which is exact, so every
+/// product `q·x` is the very float it was (unless |x| < 2⁻¹⁰², where `x·2⁻²⁴` would be subnormal).
 const SCALE: [f32; 8] = [
     1.0,
     1.0 / 16.0,
@@ -35,14 +37,14 @@ const SCALE: [f32; 8] = [
     1.0 / 65536.0,
     1.0 / 1_048_576.0,
     1.0 / 16_777_216.0,
-    1.0 / 16_777_216.0,
+    1.0,
 ];
-/// Each weight t's mask (the last one after the 4-bit shift).
+/// Each nibble t's mask (t ≤ 6; the last is shifted instead).
 static MASKS: [[u32; 8]; 8] = {
     let mut m = [[0u32; 8]; 8];
     let mut t = 0;
     while t < 8 {
-        let shift = if t < 7 { 4 * t } else { 24 };
+        let shift = 4 * t;
         let mut l = 0;
         while l < 8 {
             m[t][l] = 0xF << shift;
@@ -52,11 +54,14 @@ static MASKS: [[u32; 8]; 8] = {
     }
     m
 };
-/// Rows from which a call forms panels (`panels`) instead of running tiles of up to 4 rows (120 layers, one thread:
-/// 5–8 rows 1–9 % faster in tiles, 8 rows 27.5 against 29.0 ms; 9 rows 30.4 against 33.7 in panels, 16 rows 47.9
-/// against 54.7).
-const PANEL_ROWS: usize = 9;
-/// Rows per micro-kernel over a panel: 12 accumulators, 2 weight vectors and a broadcast activation in the 16 registers.
+/// Rows from which a call forms panels (`panels`) instead of running tiles of 3 and 4 rows (120 layers, one thread,
+/// tiles against panels: 12 rows 35.0 against 40.0 ms, 16 rows 45.9 against 49.8, 24 rows 68.7 against 70.6; from 30
+/// to 48 rows within 1 % either way; 162 rows 477 against 441).
+const PANEL_ROWS: usize = 32;
+/// Positions of a panel per block: its 32 weight vectors, its scales, its minimums.
+const PANEL_BLOCK: usize = BLOCK + 2;
+/// Rows per micro-kernel over a panel: 12 partial sums, 2 weight vectors and a broadcast activation in the 16
+/// registers, the running sums in memory (5 rows were no faster).
 const PASS_ROWS: usize = 6;
 /// How far ahead (bytes) the weights are fetched (they stream from memory once per call).
 const PREFETCH: usize = 2048;
@@ -141,7 +146,7 @@ pub(super) unsafe fn columns(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f3
         cols: cols.clone(),
     };
     let (g0, g1) = (cols.start / 8, cols.end.div_ceil(8));
-    for (r0, rows) in super::row_tiles(p.rows, 4) {
+    for (r0, rows) in row_split(p.rows) {
         let mut g = g0;
         while g < g1 {
             // Within one chunk, as many groups at a time as the tile takes.
@@ -156,6 +161,7 @@ pub(super) unsafe fn columns(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f3
                     (2, 4..) => tile::<2, 4>(l, p, r0, &out, h, j),
                     (2, 2..) => tile::<2, 2>(l, p, r0, &out, h, j),
                     (2, _) => tile::<2, 1>(l, p, r0, &out, h, j),
+                    (3, 3..) => tile::<3, 3>(l, p, r0, &out, h, j),
                     (3, 2..) => tile::<3, 2>(l, p, r0, &out, h, j),
                     (3, _) => tile::<3, 1>(l, p, r0, &out, h, j),
                     (_, 2..) => tile::<4, 2>(l, p, r0, &out, h, j),
@@ -165,6 +171,26 @@ pub(super) unsafe fn columns(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f3
             g += step;
         }
     }
+}
+
+/// `(first row, count)` for the tiles of `rows`: tiles of 4 and 3 rows, fours first, wherever they add up (every count
+/// from 6, and 3 and 4), else the rows as they come (1, 2, 5 = 3 + 2). One and two rows cost the most per row (120
+/// layers, one thread: 1 row 4.8 ms, 2 rows 7.3, 3 rows 9.2, 4 rows 12.4; 6 rows as 3 + 3 17.7 against 19.7 as 4 + 2).
+fn row_split(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    // Threes that leave a multiple of 4: rows − 3·threes ≡ 0 (mod 4) and ≥ 0; else threes then the rest.
+    let (fours, threes) = match (0..4).find(|&t| 3 * t <= rows && (rows - 3 * t).is_multiple_of(4)) {
+        Some(t) => ((rows - 3 * t) / 4, t),
+        None => (0, rows / 3),
+    };
+    let tiled = 4 * fours + 3 * threes;
+    let sizes = std::iter::repeat_n(4, fours)
+        .chain(std::iter::repeat_n(3, threes))
+        .chain((tiled < rows).then_some(rows - tiled));
+    sizes.scan(0, |r0, n| {
+        let at = *r0;
+        *r0 += n;
+        Some((at, n))
+    })
 }
 
 /// Where results go: `y` (`[rows][n]`), only the columns of `cols`.
@@ -194,58 +220,61 @@ impl Out {
     }
 }
 
-/// Weight t of an octet's 8 columns (`q` its 8 lanes): the nibble masked where it lies (or 4 bits lower, t = 7),
-/// converted, times the columns' scales (`$d`: the assembly operand, then its binding). In assembly so that the
-/// compiler neither keeps the octet's lanes in registers across t nor merges their loads: each weight vector is one
-/// mask, one conversion and one multiply, the lanes read as a memory operand.
-macro_rules! weight {
-    ($t:expr, $q:expr, $d:literal, $($scales:tt)*) => {{
-        let mask = unsafe { _mm256_load_si256(MASKS[$t].as_ptr().cast()) };
-        let w: __m256;
-        // SAFETY: reads 32 bytes at `q` (and at the scales, in memory); no other memory, stack or flags.
-        unsafe {
-            if $t < 7 {
-                std::arch::asm!(
-                    "vpand {w}, {mask}, ymmword ptr [{q}]",
-                    "vcvtdq2ps {w}, {w}",
-                    concat!("vmulps {w}, {w}, ", $d),
-                    w = out(ymm_reg) w,
-                    mask = in(ymm_reg) mask,
-                    q = in(reg) $q,
-                    $($scales)*,
-                    options(readonly, nostack, preserves_flags),
-                );
-            } else {
-                std::arch::asm!(
-                    "vmovdqu {w}, ymmword ptr [{q}]",
-                    "vpsrld {w}, {w}, 4",
-                    "vpand {w}, {w}, {mask}",
-                    "vcvtdq2ps {w}, {w}",
-                    concat!("vmulps {w}, {w}, ", $d),
-                    w = out(ymm_reg) w,
-                    mask = in(ymm_reg) mask,
-                    q = in(reg) $q,
-                    $($scales)*,
-                    options(readonly, nostack, preserves_flags),
-                );
-            }
+/// Weight t of an octet's 8 columns without its scale (`q` its 8 lanes): the nibble masked where it lies, converted
+/// (`16^t·q`), or, the last, shifted down to the lane's bottom (`q`). In assembly so that the compiler neither keeps
+/// the octet's lanes in registers across t nor merges their loads: each vector is one mask (or shift) and one
+/// conversion, the lanes read as a memory operand.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles<const T: usize>(q: *const [u32; 8]) -> __m256 {
+    let w: __m256;
+    // SAFETY: reads 32 bytes at `q`; no other memory, stack or flags.
+    unsafe {
+        if T < 7 {
+            let mask = _mm256_load_si256(MASKS[T].as_ptr().cast());
+            std::arch::asm!(
+                "vpand {w}, {mask}, ymmword ptr [{q}]",
+                "vcvtdq2ps {w}, {w}",
+                w = out(ymm_reg) w,
+                mask = in(ymm_reg) mask,
+                q = in(reg) q,
+                options(readonly, nostack, preserves_flags),
+            );
+        } else {
+            std::arch::asm!(
+                "vmovdqu {w}, ymmword ptr [{q}]",
+                "vpsrld {w}, {w}, 28",
+                "vcvtdq2ps {w}, {w}",
+                w = out(ymm_reg) w,
+                q = in(reg) q,
+                options(readonly, nostack, preserves_flags),
+            );
         }
-        w
-    }};
+    }
+    w
 }
 
-/// `weight!` with the scales read from memory at `d`.
+/// Closes a block for one (row, group): `*acc = (part·d + *acc) + m·s`, two FMAs, and leaves `part` zero for the
+/// next block. In assembly so that the running sums stay in memory (they are touched once per block) and the
+/// block's partial sums keep the registers.
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn weight<const T: usize>(q: *const [u32; 8], d: *const __m256) -> __m256 {
-    weight!(T, q, "ymmword ptr [{d}]", d = in(reg) d)
-}
-
-/// `weight!` with the scales `d` in a register.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn weight_by<const T: usize>(q: *const [u32; 8], d: __m256) -> __m256 {
-    weight!(T, q, "{d}", d = in(ymm_reg) d)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fold(part: &mut __m256, d: __m256, m: *const __m256, s: __m256, acc: *mut __m256) {
+    // SAFETY: reads 32 bytes at `m` and at `acc`, writes 32 at `acc`; no stack or flags.
+    unsafe {
+        std::arch::asm!(
+            "vfmadd213ps {p}, {d}, ymmword ptr [{acc}]",
+            "vfmadd231ps {p}, {s}, ymmword ptr [{m}]",
+            "vmovups ymmword ptr [{acc}], {p}",
+            "vxorps {p}, {p}, {p}",
+            p = inout(ymm_reg) *part,
+            d = in(ymm_reg) d,
+            s = in(ymm_reg) s,
+            m = in(reg) m,
+            acc = in(reg) acc,
+            options(nostack, preserves_flags),
+        );
+    }
 }
 
 /// The scales and minimums of `W` groups (from `dm` on) as floats.
@@ -259,7 +288,9 @@ unsafe fn halves<const W: usize>(dm: *const [u16; 16], d: &mut [__m256; W], m: &
     }
 }
 
-/// Rows `0..R` against groups `j..j + W` of chunk `h`; returns W.
+/// Rows `0..R` against groups `j..j + W` of chunk `h`; returns W. Per block, each (row, group) sums its 32 products
+/// from zero in registers (`part`), then `fold` adds it times the scales, and the minimums times the block's sum, to
+/// the running sum in memory.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile<const R: usize, const W: usize>(
     l: &Lanes,
@@ -272,10 +303,10 @@ unsafe fn tile<const R: usize, const W: usize>(
     let nb = l.nb;
     let xs: [*const f32; R] = std::array::from_fn(|r| unsafe { p.xs.as_ptr().add((r0 + r) * nb * PER_BLOCK) });
     let mut acc = [[_mm256_setzero_ps(); W]; R];
+    let mut part = [[_mm256_setzero_ps(); W]; R];
     let (mut d, mut m) = ([_mm256_setzero_ps(); W], [_mm256_setzero_ps(); W]);
     for b in 0..nb {
         let qb = unsafe { l.q.as_ptr().add((h * nb + b) * 4 * CHUNK + j) };
-        unsafe { halves::<W>(l.dm.as_ptr().add((h * nb + b) * CHUNK + j), &mut d, &mut m) };
         for o in 0..4 {
             let qo = qb.wrapping_add(o * CHUNK);
             for line in 0..(W * 32).div_ceil(64) {
@@ -286,15 +317,9 @@ unsafe fn tile<const R: usize, const W: usize>(
                 ($t:literal) => {
                     let x: [__m256; R] = std::array::from_fn(|r| unsafe { _mm256_broadcast_ss(&*xs[r].add(at + $t)) });
                     for jj in 0..W {
-                        // One row keeps its W scales in registers; more rows read them from memory (their
-                        // broadcasts take the registers).
-                        let wv = if R == 1 {
-                            unsafe { weight_by::<$t>(qo.add(jj), d[jj]) }
-                        } else {
-                            unsafe { weight::<$t>(qo.add(jj), d.as_ptr().add(jj)) }
-                        };
+                        let wv = unsafe { nibbles::<$t>(qo.add(jj)) };
                         for r in 0..R {
-                            acc[r][jj] = _mm256_fmadd_ps(wv, x[r], acc[r][jj]);
+                            part[r][jj] = _mm256_fmadd_ps(wv, x[r], part[r][jj]);
                         }
                     }
                 };
@@ -308,11 +333,11 @@ unsafe fn tile<const R: usize, const W: usize>(
             step!(6);
             step!(7);
         }
-        let s: [__m256; R] =
-            std::array::from_fn(|r| unsafe { _mm256_broadcast_ss(&*xs[r].add(b * PER_BLOCK + BLOCK)) });
-        for jj in 0..W {
-            for r in 0..R {
-                acc[r][jj] = _mm256_fmadd_ps(m[jj], s[r], acc[r][jj]);
+        unsafe { halves::<W>(l.dm.as_ptr().add((h * nb + b) * CHUNK + j), &mut d, &mut m) };
+        for r in 0..R {
+            let s = unsafe { _mm256_broadcast_ss(&*xs[r].add(b * PER_BLOCK + BLOCK)) };
+            for jj in 0..W {
+                unsafe { fold(&mut part[r][jj], d[jj], &m[jj], s, &mut acc[r][jj]) };
             }
         }
     }
@@ -330,7 +355,8 @@ thread_local! {
 }
 
 /// Many rows: the groups of each chunk (up to 48 columns) are formed once into panels of 2 groups, `[position][group]`
-/// over the K + K/32 positions (a block's 32 weights, then its minimums), that passes of up to 6 rows read.
+/// over `PANEL_BLOCK` positions per block (its 32 weight vectors, then its scales and minimums), that passes of up to
+/// 6 rows read.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panels(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f32, cols: Range<usize>) {
     let nb = l.nb;
@@ -341,13 +367,13 @@ unsafe fn panels(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f32, cols: Ran
     };
     let (g0, g1) = (cols.start / 8, cols.end.div_ceil(8));
     PANEL.with_borrow_mut(|panel| {
-        panel.resize(nb * PER_BLOCK * (CHUNK + 1), _mm256_setzero_ps());
+        panel.resize(nb * PANEL_BLOCK * (CHUNK + 1), _mm256_setzero_ps());
         let mut g = g0;
         while g < g1 {
             let (h, j) = (g / CHUNK, g % CHUNK);
             let width = (g1 - g).min(CHUNK - j);
             unsafe { dequantize(l, h, j, width, panel.as_mut_ptr()) };
-            let positions = nb * PER_BLOCK;
+            let positions = nb * PANEL_BLOCK;
             let mut i = 0;
             while i < width {
                 let pair = width - i >= 2;
@@ -384,8 +410,9 @@ fn balanced(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..tiles).map(move |i| (i * rows / tiles, (i + 1) * rows / tiles - i * rows / tiles))
 }
 
-/// Groups `j..j + width` of chunk `h` as `tile` forms them, into `dst`, one panel per pair of groups: position k of
-/// the K + K/32 for group j + i at `dst[(i / 2)·2·positions + 2k + i % 2]`.
+/// Groups `j..j + width` of chunk `h` as `tile` forms them, into `dst`, one panel per pair of groups: per block its
+/// 32 weight vectors without their scales (`nibbles`), then the scales, then the minimums; position k of the
+/// `PANEL_BLOCK`·K/32 for group j + i at `dst[(i / 2)·2·positions + 2k + i % 2]`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequantize(l: &Lanes, h: usize, j: usize, width: usize, dst: *mut __m256) {
     let nb = l.nb;
@@ -398,31 +425,34 @@ unsafe fn dequantize(l: &Lanes, h: usize, j: usize, width: usize, dst: *mut __m2
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
         }
         for i in 0..width {
-            let dp = unsafe { d.as_ptr().add(j + i) };
-            // Group i's pair of the panel, position 33b on.
-            let at = unsafe { dst.add((i / 2) * 2 * nb * PER_BLOCK + 2 * b * PER_BLOCK + i % 2) };
+            // Group i's pair of the panel, block b's first position on.
+            let at = unsafe { dst.add((i / 2) * 2 * nb * PANEL_BLOCK + 2 * b * PANEL_BLOCK + i % 2) };
             for o in 0..4 {
                 let qo = unsafe { qb.add(o * CHUNK + i) };
-                // SAFETY: positions below nb · PER_BLOCK, groups below CHUNK: inside the panel.
+                // SAFETY: positions below nb · PANEL_BLOCK, groups below CHUNK: inside the panel.
                 unsafe {
                     let row = at.add(2 * 8 * o);
-                    row.write(weight::<0>(qo, dp));
-                    row.add(2).write(weight::<1>(qo, dp));
-                    row.add(4).write(weight::<2>(qo, dp));
-                    row.add(6).write(weight::<3>(qo, dp));
-                    row.add(8).write(weight::<4>(qo, dp));
-                    row.add(10).write(weight::<5>(qo, dp));
-                    row.add(12).write(weight::<6>(qo, dp));
-                    row.add(14).write(weight::<7>(qo, dp));
+                    row.write(nibbles::<0>(qo));
+                    row.add(2).write(nibbles::<1>(qo));
+                    row.add(4).write(nibbles::<2>(qo));
+                    row.add(6).write(nibbles::<3>(qo));
+                    row.add(8).write(nibbles::<4>(qo));
+                    row.add(10).write(nibbles::<5>(qo));
+                    row.add(12).write(nibbles::<6>(qo));
+                    row.add(14).write(nibbles::<7>(qo));
                 }
             }
-            unsafe { at.add(2 * BLOCK).write(m[j + i]) };
+            unsafe {
+                at.add(2 * BLOCK).write(d[j + i]);
+                at.add(2 * (BLOCK + 1)).write(m[j + i]);
+            }
         }
     }
 }
 
-/// Rows `r0..r0 + R` against the `C` groups of `panel` from group `g`: per (row, group) one accumulator over the
-/// panel's positions in order, each position's activation broadcast.
+/// Rows `r0..r0 + R` against the `C` groups of `panel` from group `g`, summing as `tile` does: per (row, group) and
+/// block one accumulator over the block's 32 positions in order, each position's activation broadcast, then the
+/// running sum plus it times the scales, plus the minimums times the block's sum.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pass<const R: usize, const C: usize>(
     l: &Lanes,
@@ -432,16 +462,45 @@ unsafe fn pass<const R: usize, const C: usize>(
     out: &Out,
     g: usize,
 ) {
-    let positions = l.nb * PER_BLOCK;
-    let xs: [*const f32; R] = std::array::from_fn(|r| unsafe { p.xs.as_ptr().add((r0 + r) * positions) });
-    let wp = panel.as_ptr();
+    let nb = l.nb;
+    let xs: [*const f32; R] = std::array::from_fn(|r| unsafe { p.xs.as_ptr().add((r0 + r) * nb * PER_BLOCK) });
     let mut acc = [[_mm256_setzero_ps(); C]; R];
-    for k in 0..positions {
-        let wv: [__m256; C] = std::array::from_fn(|i| unsafe { *wp.add(2 * k + i) });
+    let mut part = [[_mm256_setzero_ps(); C]; R];
+    for b in 0..nb {
+        let wp = unsafe { panel.as_ptr().add(2 * b * PANEL_BLOCK) };
+        // The block's 32 positions unrolled (a loop over its octets cost a branch miss per block).
+        macro_rules! step {
+            ($k:expr) => {
+                let wv: [__m256; C] = std::array::from_fn(|i| unsafe { *wp.add(2 * $k + i) });
+                for r in 0..R {
+                    let x = unsafe { _mm256_broadcast_ss(&*xs[r].add(b * PER_BLOCK + $k)) };
+                    for i in 0..C {
+                        part[r][i] = _mm256_fmadd_ps(wv[i], x, part[r][i]);
+                    }
+                }
+            };
+        }
+        macro_rules! octet {
+            ($o:literal) => {
+                step!(8 * $o);
+                step!(8 * $o + 1);
+                step!(8 * $o + 2);
+                step!(8 * $o + 3);
+                step!(8 * $o + 4);
+                step!(8 * $o + 5);
+                step!(8 * $o + 6);
+                step!(8 * $o + 7);
+            };
+        }
+        octet!(0);
+        octet!(1);
+        octet!(2);
+        octet!(3);
+        let d: [__m256; C] = std::array::from_fn(|i| unsafe { *wp.add(2 * BLOCK + i) });
         for r in 0..R {
-            let x = unsafe { _mm256_broadcast_ss(&*xs[r].add(k)) };
+            let s = unsafe { _mm256_broadcast_ss(&*xs[r].add(b * PER_BLOCK + BLOCK)) };
             for i in 0..C {
-                acc[r][i] = _mm256_fmadd_ps(wv[i], x, acc[r][i]);
+                unsafe { fold(&mut part[r][i], d[i], wp.add(2 * (BLOCK + 1) + i), s, &mut acc[r][i]) };
             }
         }
     }
@@ -449,5 +508,36 @@ unsafe fn pass<const R: usize, const C: usize>(
         for (i, &v) in acc.iter().enumerate() {
             unsafe { out.put(r0 + r, g + i, v) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_split;
+
+    #[test]
+    fn rows_split_into_threes_and_fours_wherever_they_add_up() {
+        for rows in 1..=40 {
+            let tiles: Vec<_> = row_split(rows).collect();
+            let mut next = 0;
+            for &(r0, n) in &tiles {
+                assert!(r0 == next && (1..=4).contains(&n), "{rows} rows: {tiles:?}");
+                next += n;
+            }
+            assert_eq!(next, rows, "{rows} rows: {tiles:?}");
+            let want: &[usize] = match rows {
+                1 => &[1],
+                2 => &[2],
+                5 => &[3, 2],
+                _ => &[],
+            };
+            if want.is_empty() {
+                assert!(tiles.iter().all(|&(_, n)| n == 3 || n == 4), "{rows} rows: {tiles:?}");
+            } else {
+                assert_eq!(tiles.iter().map(|&(_, n)| n).collect::<Vec<_>>(), want);
+            }
+        }
+        assert_eq!(row_split(8).collect::<Vec<_>>(), [(0, 4), (4, 4)]);
+        assert_eq!(row_split(6).collect::<Vec<_>>(), [(0, 3), (3, 3)]);
     }
 }
