@@ -5,15 +5,17 @@
 //! plus its minimum times the block's sum; its 8 columns come out together, with no sum across lanes. The scale
 //! comes in once per block rather than once per weight, so a weight vector is a mask and a conversion, and one row
 //! leaves the FMA pipes one operation per vector instead of two. Tiles of up to 4 rows form each weight vector once
-//! in registers (`tile`, rows split into tiles of 3 and 4 where they can be); from `PANEL_ROWS` rows each chunk of 48 columns is formed once into panels that passes of 6
-//! rows × 16 columns read (`pass`: 12 partial sums). Both form the same weight vectors with the same instructions and
-//! add them in the same order, so a row's bits do not depend on the rows or columns beside it.
+//! in registers (`tile`; rows in tiles of 3 and 4 wherever they add up); from `PANEL_ROWS` rows each chunk of 48
+//! columns is formed once into panels that passes of 6 rows × 16 columns read (`pass`: 12 partial sums). Both form
+//! the same weight vectors with the same instructions and add them in the same order, so a row's bits do not depend
+//! on the rows or columns beside it.
 //!
 //! 120 layers of the model's shapes, random weights, one thread, best of 3 alternations against the same layout with
-//! the scale multiplied into each weight (two FMA-pipe operations per vector): one row 4.8 against 6.6 ms, 2 rows 8.4
-//! against 10.1, 4 rows 14.0 against 14.6, 5 rows 17.2 against 21.1, 8 rows 23.8 against 29.0, 30 rows about 4 %
-//! slower (83–86 against 79–82) and 162 rows about 10 % (440–450 against 399–401): a pass pays two FMAs per block
-//! and partial sum where it paid one. The layout is formed when the session loads (`Q4_1Matrix::settle`).
+//! the scale multiplied into each weight (two FMA-pipe operations per vector, tiles of 4 rows, panels from 9): one
+//! row 4.8–5.0 against 6.4–6.6 ms, 2 rows 7.5 against 9.0, 3 rows 9.4 against 12.9, 4 rows 12.4 against 14.7, 5 rows
+//! 16.3 against 21.3, 8 rows 24.0 against 28.2, 13 rows 38.3 against 40.7; but 30 rows 87–90 against 80 and 162 rows
+//! 440–470 against 400–418, about 10 % slower: a pass pays two FMAs per block and partial sum where it paid one. The
+//! layout is formed when the session loads (`Q4_1Matrix::settle`).
 
 use super::{Prepared, Q4_1Matrix, BLOCK};
 use std::arch::x86_64::*;
