@@ -1175,9 +1175,10 @@ mod tests {
     fn matches_the_dequantized_reference_for_every_row_count_and_block_tail() {
         for isa in isas() {
             // K=576: 18 blocks (a group of 2 at the end); K=1536: 48 blocks; K=32 and K=96: less than one group.
-            for (k, n) in [(576, 40), (1536, 17), (32, 3), (96, 5), (160, 9)] {
+            // N = 96: two whole chunks of 48 columns on AVX2 (its widest tiles).
+            for (k, n) in [(576, 40), (576, 96), (1536, 17), (32, 3), (96, 5), (160, 9)] {
                 // AVX2: tiles up to 31 rows, panels from 32.
-                for rows in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 33] {
+                for rows in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 31, 33] {
                     check(isa, k, n, rows, &[0..n / 2, n / 2..n]);
                 }
             }

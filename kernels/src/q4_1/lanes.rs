@@ -30,7 +30,8 @@ const CHUNK: usize = 6;
 pub(super) const PER_BLOCK: usize = BLOCK + 1;
 /// Nibble t of a lane is masked where it lies (t ≤ 6: `16^t·q`) or, the last, shifted to the bottom (`q`, so the
 /// lane's sign bit plays no part); its activation is divided by the same power of two, which is exact, so every
-/// product `q·x` is the very float it was (unless |x| < 2⁻¹⁰², where `x·2⁻²⁴` would be subnormal).
+/// product `q·x` is the very float it was (unless |x| < 2⁻¹⁰², where `x·2⁻²⁴` would be subnormal). A block's sum
+/// of unscaled products stays finite while |x| < 7·10³⁵ (32 · 15 · |x|).
 const SCALE: [f32; 8] = [
     1.0,
     1.0 / 16.0,
@@ -41,21 +42,6 @@ const SCALE: [f32; 8] = [
     1.0 / 16_777_216.0,
     1.0,
 ];
-/// Each nibble t's mask (t ≤ 6; the last is shifted instead).
-static MASKS: [[u32; 8]; 8] = {
-    let mut m = [[0u32; 8]; 8];
-    let mut t = 0;
-    while t < 8 {
-        let shift = 4 * t;
-        let mut l = 0;
-        while l < 8 {
-            m[t][l] = 0xF << shift;
-            l += 1;
-        }
-        t += 1;
-    }
-    m
-};
 /// Rows from which a call forms panels (`panels`) instead of running tiles of 3 and 4 rows (120 layers, one thread,
 /// tiles against panels: 12 rows 35.0 against 40.0 ms, 16 rows 45.9 against 49.8, 24 rows 68.7 against 70.6; from 30
 /// to 48 rows within 1 % either way; 162 rows 477 against 441).
@@ -65,6 +51,8 @@ const PANEL_BLOCK: usize = BLOCK + 2;
 /// Rows per micro-kernel over a panel: 12 partial sums, 2 weight vectors and a broadcast activation in the 16
 /// registers, the running sums in memory (5 rows were no faster).
 const PASS_ROWS: usize = 6;
+// Rows split evenly into passes of at most PASS_ROWS give only 5 and 6 from 30 rows (6r / (r + 6) ≥ 5).
+const _: () = assert!(PANEL_ROWS >= 30 && PASS_ROWS == 6);
 /// How far ahead (bytes) the weights are fetched (they stream from memory once per call).
 const PREFETCH: usize = 2048;
 
@@ -177,7 +165,8 @@ pub(super) unsafe fn columns(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f3
 
 /// `(first row, count)` for the tiles of `rows`: tiles of 4 and 3 rows, fours first, wherever they add up (every count
 /// from 6, and 3 and 4), else the rows as they come (1, 2, 5 = 3 + 2). One and two rows cost the most per row (120
-/// layers, one thread: 1 row 4.8 ms, 2 rows 7.3, 3 rows 9.2, 4 rows 12.4; 6 rows as 3 + 3 17.7 against 19.7 as 4 + 2).
+/// layers, one thread: 1 row 4.8–5.0 ms, 2 rows 7.3–7.5, 3 rows 9.2–9.4, 4 rows 12.4; 6 rows as 3 + 3 17.7 against
+/// 19.7 as 4 + 2).
 fn row_split(rows: usize) -> impl Iterator<Item = (usize, usize)> {
     // Threes that leave a multiple of 4: rows − 3·threes ≡ 0 (mod 4) and ≥ 0; else threes then the rest.
     let (fours, threes) = match (0..4).find(|&t| 3 * t <= rows && (rows - 3 * t).is_multiple_of(4)) {
@@ -230,10 +219,11 @@ impl Out {
 #[target_feature(enable = "avx2")]
 unsafe fn nibbles<const T: usize>(q: *const [u32; 8]) -> __m256 {
     let w: __m256;
-    // SAFETY: reads 32 bytes at `q`; no other memory, stack or flags.
+    // SAFETY: reads 32 bytes at `q`; no other memory, stack or flags (the conversions are of integers below 2²⁸,
+    // exact, so no MXCSR flag either).
     unsafe {
         if T < 7 {
-            let mask = _mm256_load_si256(MASKS[T].as_ptr().cast());
+            let mask = _mm256_set1_epi32((0xF_u32 << (4 * T)) as i32);
             std::arch::asm!(
                 "vpand {w}, {mask}, ymmword ptr [{q}]",
                 "vcvtdq2ps {w}, {w}",
@@ -274,7 +264,8 @@ unsafe fn fold(part: &mut __m256, d: __m256, m: *const __m256, s: __m256, acc: *
             s = in(ymm_reg) s,
             m = in(reg) m,
             acc = in(reg) acc,
-            options(nostack, preserves_flags),
+            // Not `preserves_flags`: the FMAs set MXCSR's exception flags (inexact).
+            options(nostack),
         );
     }
 }
@@ -352,7 +343,7 @@ unsafe fn tile<const R: usize, const W: usize>(
 }
 
 thread_local! {
-    /// A panel's weight vectors (`dequantize`'s).
+    /// A chunk's panels (`dequantize`'s weight vectors, scales and minimums).
     static PANEL: std::cell::RefCell<Vec<__m256>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -382,19 +373,12 @@ unsafe fn panels(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f32, cols: Ran
                 let sub = &panel[i * positions..];
                 for (r, rows) in balanced(p.rows, PASS_ROWS) {
                     unsafe {
+                        // From PANEL_ROWS rows the even split gives passes of 5 and 6 rows only.
                         match (rows, pair) {
                             (6, true) => pass::<6, 2>(l, p, sub, r, &out, g + i),
-                            (5, true) => pass::<5, 2>(l, p, sub, r, &out, g + i),
-                            (4, true) => pass::<4, 2>(l, p, sub, r, &out, g + i),
-                            (3, true) => pass::<3, 2>(l, p, sub, r, &out, g + i),
-                            (2, true) => pass::<2, 2>(l, p, sub, r, &out, g + i),
-                            (1, true) => pass::<1, 2>(l, p, sub, r, &out, g + i),
+                            (_, true) => pass::<5, 2>(l, p, sub, r, &out, g + i),
                             (6, false) => pass::<6, 1>(l, p, sub, r, &out, g + i),
-                            (5, false) => pass::<5, 1>(l, p, sub, r, &out, g + i),
-                            (4, false) => pass::<4, 1>(l, p, sub, r, &out, g + i),
-                            (3, false) => pass::<3, 1>(l, p, sub, r, &out, g + i),
-                            (2, false) => pass::<2, 1>(l, p, sub, r, &out, g + i),
-                            _ => pass::<1, 1>(l, p, sub, r, &out, g + i),
+                            (_, false) => pass::<5, 1>(l, p, sub, r, &out, g + i),
                         }
                     }
                 }
@@ -415,7 +399,7 @@ fn balanced(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
 /// Groups `j..j + width` of chunk `h` as `tile` forms them, into `dst`, one panel per pair of groups: per block its
 /// 32 weight vectors without their scales (`nibbles`), then the scales, then the minimums; position k of the
 /// `PANEL_BLOCK`·K/32 for group j + i at `dst[(i / 2)·2·positions + 2k + i % 2]`.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn dequantize(l: &Lanes, h: usize, j: usize, width: usize, dst: *mut __m256) {
     let nb = l.nb;
     let (mut d, mut m) = ([_mm256_setzero_ps(); CHUNK], [_mm256_setzero_ps(); CHUNK]);
@@ -453,7 +437,7 @@ unsafe fn dequantize(l: &Lanes, h: usize, j: usize, width: usize, dst: *mut __m2
 }
 
 /// Rows `r0..r0 + R` against the `C` groups of `panel` from group `g`, summing as `tile` does: per (row, group) and
-/// block one accumulator over the block's 32 positions in order, each position's activation broadcast, then the
+/// block one partial sum over the block's 32 positions in order, each position's activation broadcast, then the
 /// running sum plus it times the scales, plus the minimums times the block's sum.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pass<const R: usize, const C: usize>(
