@@ -111,14 +111,14 @@ impl Lanes {
 }
 
 /// One row in the kernel's order (`out`: `nb` × `PER_BLOCK` floats): per block, its activations times `SCALE`, then
-/// their sum (in order, as `block_sums` forms it).
+/// their sum (`block_sums`').
 pub(super) fn arrange(xr: &[f32], nb: usize, out: &mut [f32]) {
     debug_assert!(xr.len() == nb * BLOCK && out.len() == nb * PER_BLOCK);
     for (xb, o) in xr.chunks_exact(BLOCK).zip(out.chunks_exact_mut(PER_BLOCK)) {
         for (e, (dst, &x)) in o.iter_mut().zip(xb).enumerate() {
             *dst = x * SCALE[e % 8];
         }
-        o[BLOCK] = xb.iter().sum::<f32>();
+        super::block_sums(xb, std::slice::from_mut(&mut o[BLOCK]));
     }
 }
 
@@ -360,7 +360,8 @@ unsafe fn panels(w: &Q4_1Matrix, l: &Lanes, p: &Prepared, y: *mut f32, cols: Ran
     };
     let (g0, g1) = (cols.start / 8, cols.end.div_ceil(8));
     PANEL.with_borrow_mut(|panel| {
-        panel.resize(nb * PANEL_BLOCK * (CHUNK + 1), _mm256_setzero_ps());
+        // A chunk's groups in pairs (an odd last group takes a pair's first half).
+        panel.resize(nb * PANEL_BLOCK * CHUNK.next_multiple_of(2), _mm256_setzero_ps());
         let mut g = g0;
         while g < g1 {
             let (h, j) = (g / CHUNK, g % CHUNK);
