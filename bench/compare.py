@@ -119,7 +119,12 @@ MANY = [(None, "cold_start_ms", "cold start: process start → ready, ms"),
         ("prefix_cache", "prompt_tokens", "chat turn 2: prompt tokens"),
         ("prefix_cache", "cached_tokens", "chat turn 2: cached tokens"),
         ("prefix_cache", "ttft_cold_ms", "chat turn 2: TTFT without the prefix cache, ms"),
-        ("prefix_cache", "ttft_cached_ms", "chat turn 2: TTFT with the prefix cache, ms")]
+        ("prefix_cache", "ttft_cached_ms", "chat turn 2: TTFT with the prefix cache, ms"),
+        ("joining", "prompt_tokens", "long prompt joining a stream: prompt tokens"),
+        ("joining", "gap_sliced_ms", "the stream's longest wait for a token, prompt in slices, ms"),
+        ("joining", "gap_whole_ms", "the stream's longest wait for a token, prompt whole, ms"),
+        ("joining", "ttft_sliced_ms", "the long prompt's TTFT in slices, ms"),
+        ("joining", "ttft_whole_ms", "the long prompt's TTFT whole, ms")]
 
 
 def many_table(runs: list[dict], threads: list[int], engines: list[str]) -> list[str]:
@@ -500,7 +505,10 @@ def main(argv=None) -> int:
           "Serving many: 8 chat prompts of 30–40 tokens started together, each decoding the same number of new "
           "tokens (greedy, EOS suppressed), against one of them alone; tok/s = generated tokens / wall time "
           "including prompt processing. Chat turn 2: a second turn whose prompt starts with the first turn and its "
-          "answer, with the first turn's state in the prefix cache and with the cache cleared.", "",
+          "answer, with the first turn's state in the prefix cache and with the cache cleared. Long prompt joining a "
+          "stream: a 1,000-token prompt starts while one chat stream decodes; its prompt goes in slices of 64 tokens, "
+          "one after each of the stream's steps (the scheduler's default while others run), or whole (as one prompt "
+          "run, the stream waiting for all of it).", "",
           *fidelity_md, *profile_md]
     if chart_err is None:
         md += [f"![ratios]({os.path.basename(chart_path)})", ""]

@@ -270,3 +270,92 @@ fn a_prefix_cache_too_small_for_a_sequence_keeps_nothing() {
     assert_eq!(g.usage.cached_tokens, 0);
     assert_eq!(engine.model.prefix_cache_bytes(), 0);
 }
+
+/// Records every listener's deltas and ends in one order: `(index, None)` per delta, `(index, Some(text))` at the end.
+type Timeline = Arc<Mutex<Vec<(usize, Option<Generation>)>>>;
+
+struct Record(usize, Timeline);
+
+impl Listener for Record {
+    fn delta(&mut self, _: Delta) -> ControlFlow<()> {
+        self.1.lock().unwrap().push((self.0, None));
+        ControlFlow::Continue(())
+    }
+    fn done(self: Box<Self>, result: Result<Generation, ModelError>) {
+        self.1.lock().unwrap().push((self.0, Some(result.expect("generation"))));
+    }
+}
+
+/// A long prompt that joins running streams goes in seven tokens at a time, one slice after each of their steps: they
+/// keep streaming meanwhile, one of them ends while it goes in (its row moves out of the way), and a later prompt
+/// that starts with it takes that part from the prefix cache and slices the rest. Every generation is token-identical
+/// to the same request run alone.
+#[test]
+fn a_long_prompt_goes_in_slices_while_others_decode_and_leave_and_generates_exactly_what_it_would_alone() {
+    let mut engine = load(64 << 20);
+    let text = |s: &str| engine.tokenizer.encode(s).unwrap();
+    let story = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a \
+                 goldsmith from Mainz, combined movable metal type, oil-based ink and a wooden screw press into one \
+                 system. Books had been copied by hand for centuries, slowly and at great cost, so that only \
+                 monasteries, universities and the very rich could own them. Within fifty years printing shops \
+                 had opened in more than two hundred European towns.";
+    let reqs = [
+        greedy(chat(&engine, &[("user", "Opposite of hot?")]), 3),
+        greedy(text("1, 2, 3, 4, 5,"), 60),
+        greedy(text(story), 12),
+        greedy(text(&format!("{story} Summarise this in one sentence:")), 12),
+    ];
+    assert!(reqs[2].prompt.len() > 70, "{} tokens", reqs[2].prompt.len());
+    let expected: Vec<Generation> = reqs.iter().map(|r| alone(&mut engine, r)).collect();
+    let timeline = Timeline::default();
+    let Engine { model, tokenizer, .. } = &mut engine;
+    let mut batcher = Batcher::new(model, tokenizer.clone(), 8).prefill_chunk(7);
+    batcher.start(reqs[0].clone(), Box::new(Record(0, timeline.clone())));
+    batcher.start(reqs[1].clone(), Box::new(Record(1, timeline.clone())));
+    batcher.start(reqs[2].clone(), Box::new(Record(2, timeline.clone())));
+    while timeline
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(i, end)| !(*i == 2 && end.is_some()))
+    {
+        batcher.step();
+    }
+    // The prompt that starts with the long one joins the stream still running.
+    batcher.start(reqs[3].clone(), Box::new(Record(3, timeline.clone())));
+    while batcher.running() > 0 {
+        batcher.step();
+    }
+
+    let timeline = timeline.lock().unwrap();
+    let first = |i: usize| timeline.iter().position(|(j, _)| *j == i).expect("some output");
+    let ended = |i: usize| {
+        timeline
+            .iter()
+            .position(|(j, end)| *j == i && end.is_some())
+            .expect("an end")
+    };
+    assert!(
+        ended(0) < first(2),
+        "the short stream ended while the long prompt went in"
+    );
+    let streamed = timeline[..first(2)]
+        .iter()
+        .filter(|(j, end)| *j == 1 && end.is_none())
+        .count();
+    assert!(streamed >= 10, "the running stream kept streaming: {streamed} tokens");
+    for (i, want) in expected.iter().enumerate() {
+        let got = timeline[ended(i)].1.as_ref().unwrap();
+        assert_eq!(
+            got.token_ids, want.token_ids,
+            "request {i}: {:?} vs {:?}",
+            got.text, want.text
+        );
+        assert_eq!(got.text, want.text);
+    }
+    let cached = timeline[ended(3)].1.as_ref().unwrap().usage.cached_tokens;
+    assert!(
+        cached >= reqs[2].prompt.len() - 1 && cached < reqs[3].prompt.len(),
+        "{cached} cached"
+    );
+}

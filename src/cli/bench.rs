@@ -93,7 +93,9 @@ struct Report {
     batching: Option<BatchResult>,
     /// Time to first token of a chat's second turn with and without the prefix cache.
     prefix_cache: Option<PrefixResult>,
-    /// Peak RSS after the batching and prefix-cache runs.
+    /// A long prompt joining a running stream: that stream's longest wait for a token, prompt in slices and whole.
+    joining: Option<JoinResult>,
+    /// Peak RSS after the batching and prefix-cache runs (before the joining one).
     peak_rss_many_mib: Option<f64>,
     /// With `--profile`: where a decode step and the chat prompt spend their time.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,6 +126,20 @@ struct PrefixResult {
     cached_tokens: usize,
     ttft_cold_ms: f64,
     ttft_cached_ms: f64,
+}
+
+/// A long prompt that joins a running stream, going in slices of [`crate::core::PREFILL_CHUNK`] tokens between its
+/// steps (the default) or whole (as before slices).
+#[derive(Debug, Serialize)]
+struct JoinResult {
+    prompt_tokens: usize,
+    slice_tokens: usize,
+    /// The running stream's longest wait between two of its tokens while the prompt went in, ms.
+    gap_sliced_ms: f64,
+    gap_whole_ms: f64,
+    /// The newcomer's time to first token (its prompt sharing the steps), ms.
+    ttft_sliced_ms: f64,
+    ttft_whole_ms: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -209,6 +225,13 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
     } else {
         (None, None)
     };
+    let rss_many = peak_rss_mib();
+    // Last: its long prompt's KV cache would count in the peak RSS above.
+    let joining = if a.streams > 0 {
+        Some(joining(&mut engine)?)
+    } else {
+        None
+    };
     let report = Report {
         engine: "lambda-llm (ort)",
         model: engine.manifest.id.clone(),
@@ -222,7 +245,8 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
         prompts,
         batching,
         prefix_cache,
-        peak_rss_many_mib: peak_rss_mib(),
+        joining,
+        peak_rss_many_mib: rss_many,
         profile: match a.profile {
             Some(_) => Some(profile::summarise(
                 &engine.model.end_profiling()?,
@@ -265,6 +289,13 @@ pub fn run(a: &BenchArgs, config: &Config) -> Result<()> {
             println!(
                 "second chat turn ({} tokens, {} cached): TTFT {:.1} ms cached vs {:.1} ms cold",
                 p.prompt_tokens, p.cached_tokens, p.ttft_cached_ms, p.ttft_cold_ms
+            );
+        }
+        if let Some(j) = &report.joining {
+            println!(
+                "a {}-token prompt joining a running stream: its longest wait for a token {:.0} ms in slices of {} \
+                 ({:.0} ms whole); the newcomer's TTFT {:.0} ms ({:.0} ms whole)",
+                j.prompt_tokens, j.gap_sliced_ms, j.slice_tokens, j.gap_whole_ms, j.ttft_sliced_ms, j.ttft_whole_ms
             );
         }
         if let Some(p) = &report.profile {
@@ -368,6 +399,92 @@ fn prefix_ttft(engine: &mut Engine) -> Result<PrefixResult> {
         cached_tokens: cached[0].usage.cached_tokens,
         ttft_cold_ms: cold[0].timings.first_token.as_secs_f64() * 1e3,
         ttft_cached_ms: cached[0].timings.first_token.as_secs_f64() * 1e3,
+    })
+}
+
+/// Tokens of the prompt that joins a running stream in [`joining`].
+const JOINING_TOKENS: usize = 1000;
+
+/// When each token of a stream arrived, and its result.
+struct Clock(Arc<Mutex<(Vec<Instant>, Option<Generation>)>>);
+
+impl Listener for Clock {
+    fn delta(&mut self, _: Delta) -> ControlFlow<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0.push(Instant::now());
+        ControlFlow::Continue(())
+    }
+    fn done(self: Box<Self>, result: Result<Generation, ModelError>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1 = result.ok();
+    }
+}
+
+/// A stream decodes; after its fourth token a [`JOINING_TOKENS`]-token prompt joins: the stream's longest wait for a
+/// token from then until the newcomer's first one, and the newcomer's time to first token; prompt in slices of
+/// `chunk` tokens.
+fn join_once(
+    engine: &mut Engine,
+    stream: &GenerationRequest,
+    long: &GenerationRequest,
+    chunk: usize,
+) -> Result<(f64, f64)> {
+    let (a, b) = (
+        Arc::new(Mutex::new((Vec::new(), None))),
+        Arc::new(Mutex::new((Vec::new(), None))),
+    );
+    let Engine { model, tokenizer, .. } = engine;
+    let mut batcher = Batcher::new(model, tokenizer.clone(), 2).prefill_chunk(chunk);
+    batcher.start(stream.clone(), Box::new(Clock(a.clone())));
+    while a.lock().unwrap_or_else(|e| e.into_inner()).0.len() < 4 && batcher.running() > 0 {
+        batcher.step();
+    }
+    let joined = Instant::now();
+    batcher.start(long.clone(), Box::new(Clock(b.clone())));
+    while batcher.running() > 0 {
+        batcher.step();
+    }
+    let (a, b) = (
+        a.lock().unwrap_or_else(|e| e.into_inner()),
+        b.lock().unwrap_or_else(|e| e.into_inner()),
+    );
+    let first = *b.0.first().context("the long prompt produced no token")?;
+    anyhow::ensure!(a.1.is_some() && b.1.is_some(), "a generation failed");
+    let mut last = joined;
+    let mut gap = 0f64;
+    for &t in a.0.iter().filter(|&&t| t > joined && t <= first) {
+        gap = gap.max((t - last).as_secs_f64());
+        last = t;
+    }
+    gap = gap.max((first - last).as_secs_f64());
+    let ttft = b.1.as_ref().map_or(f64::NAN, |g| g.timings.first_token.as_secs_f64());
+    Ok((gap * 1e3, ttft * 1e3))
+}
+
+/// [`join_once`] with the prompt in slices (the default) and whole.
+fn joining(engine: &mut Engine) -> Result<JoinResult> {
+    let eos = engine.manifest.eos_ids.clone();
+    let stream = fixed_length(
+        engine.chat_prompt(&[ChatMessage::new("user", QUESTIONS[1])])?,
+        128,
+        &eos,
+    );
+    let base = engine.tokenizer.encode(LONG_PROMPT)?;
+    let mut ids = Vec::with_capacity(JOINING_TOKENS);
+    while ids.len() < JOINING_TOKENS {
+        ids.extend_from_slice(&base);
+    }
+    ids.truncate(JOINING_TOKENS);
+    let long = fixed_length(ids, 2, &eos);
+    engine.model.clear_prefix_cache();
+    let (gap_sliced_ms, ttft_sliced_ms) = join_once(engine, &stream, &long, crate::core::PREFILL_CHUNK)?;
+    engine.model.clear_prefix_cache();
+    let (gap_whole_ms, ttft_whole_ms) = join_once(engine, &stream, &long, usize::MAX)?;
+    Ok(JoinResult {
+        prompt_tokens: JOINING_TOKENS,
+        slice_tokens: crate::core::PREFILL_CHUNK,
+        gap_sliced_ms,
+        gap_whole_ms,
+        ttft_sliced_ms,
+        ttft_whole_ms,
     })
 }
 

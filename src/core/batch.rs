@@ -1,5 +1,7 @@
 //! Continuous batching: running sequences decode together, one batched model step per token; a sequence joins
-//! (prompt processed on its own) and leaves between steps, so nobody waits for a whole other generation.
+//! (prompt processed on its own) and leaves between steps, so nobody waits for a whole other generation. While others
+//! decode, a newcomer's prompt goes in slices of [`PREFILL_CHUNK`] tokens, one slice after each step, so a long prompt
+//! never stalls the running streams for its whole prefill.
 
 use super::generate::{Delta, Generation, GenerationRequest};
 use super::model::{Model, ModelError, ModelInfo, TokenDecoder};
@@ -8,6 +10,21 @@ use std::ops::ControlFlow;
 
 /// Identifies a sequence inside a [`BatchModel`].
 pub type SeqId = u64;
+
+/// Prompt tokens a newcomer processes between two decode steps of the running sequences: each slice costs them one
+/// step's wait (64 tokens: about 0.1 s on two cores), where the whole prompt at once would cost its whole prefill.
+pub const PREFILL_CHUNK: usize = 64;
+
+/// What [`BatchModel::start`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The new sequence.
+    pub id: SeqId,
+    /// Prompt tokens whose state came from a cached prefix.
+    pub cached: usize,
+    /// Whether the whole prompt is processed (its next-token logits ready); if not, [`BatchModel::resume`] goes on.
+    pub done: bool,
+}
 
 /// A causal language model holding the state (KV cache) of several sequences at once.
 pub trait BatchModel {
@@ -18,11 +35,16 @@ pub trait BatchModel {
     fn has_room(&self, capacity: usize) -> bool;
 
     /// Starts a sequence of at most `capacity` tokens and processes `prompt`, reusing the state of a cached prefix
-    /// of the same `scope` when the model holds one. Returns the new id and how many prompt tokens came from the
-    /// cache; the next-token logits are then at [`BatchModel::logits`].
-    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64) -> Result<(SeqId, usize), ModelError>;
+    /// of the same `scope` when the model holds one, and at most `limit` of the other prompt tokens now (a model may
+    /// take them all). Once the whole prompt is processed, the next-token logits are at [`BatchModel::logits`]. Only
+    /// one sequence's prompt may be unfinished at a time.
+    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64, limit: usize) -> Result<Started, ModelError>;
 
-    /// Appends one token to each listed sequence, all in one batched step.
+    /// Processes at most `limit` more prompt tokens of `id`, whose prompt [`BatchModel::start`] left unfinished;
+    /// `true` once the whole prompt is processed.
+    fn resume(&mut self, id: SeqId, limit: usize) -> Result<bool, ModelError>;
+
+    /// Appends one token to each listed sequence, all in one batched step: every sequence whose prompt is processed.
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError>;
 
     /// The next-token logits of `id` after its last `start` or `step`.
@@ -39,8 +61,11 @@ impl<M: BatchModel + ?Sized> BatchModel for &mut M {
     fn has_room(&self, capacity: usize) -> bool {
         (**self).has_room(capacity)
     }
-    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64) -> Result<(SeqId, usize), ModelError> {
-        (**self).start(prompt, capacity, scope)
+    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64, limit: usize) -> Result<Started, ModelError> {
+        (**self).start(prompt, capacity, scope, limit)
+    }
+    fn resume(&mut self, id: SeqId, limit: usize) -> Result<bool, ModelError> {
+        (**self).resume(id, limit)
     }
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
         (**self).step(feeds)
@@ -59,6 +84,10 @@ pub trait Listener: Send {
     fn delta(&mut self, delta: Delta) -> ControlFlow<()>;
     /// The end: the generation or why it failed.
     fn done(self: Box<Self>, result: Result<Generation, ModelError>);
+    /// Whether nobody listens any more, asked while a prompt goes in (before any delta); `false` unless overridden.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A sequence that finished during a step, waiting for the model to forget it and its listener to hear.
@@ -71,12 +100,23 @@ struct Running {
     next: u32,
 }
 
+/// A newcomer whose prompt is still going in, slice by slice.
+struct Prefilling {
+    id: SeqId,
+    seq: Sequence,
+    listener: Box<dyn Listener>,
+    cached: usize,
+}
+
 /// Drives the sequences of a [`BatchModel`]: start them, step them together, hand results to their listeners.
 pub struct Batcher<M, D> {
     model: M,
     decoder: D,
     max_batch: usize,
+    /// Prompt tokens per slice while others decode.
+    chunk: usize,
     running: Vec<Running>,
+    prefilling: Option<Prefilling>,
     /// The other half of `running`'s double buffer (empty between steps).
     spare: Vec<Running>,
     feeds: Vec<(SeqId, u32)>,
@@ -89,34 +129,113 @@ impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
             model,
             decoder,
             max_batch: max_batch.max(1),
+            chunk: PREFILL_CHUNK,
             running: Vec::new(),
+            prefilling: None,
             spare: Vec::new(),
             feeds: Vec::new(),
         }
     }
 
-    /// Sequences decoding now.
-    pub fn running(&self) -> usize {
-        self.running.len()
+    /// Prompt tokens per slice while other sequences decode (at least 1; [`PREFILL_CHUNK`] unless set).
+    pub fn prefill_chunk(mut self, tokens: usize) -> Self {
+        self.chunk = tokens.max(1);
+        self
     }
 
-    /// Whether `req` can start now (a free place in the batch and room in the model).
+    /// Sequences in the batch: decoding, or with their prompt going in.
+    pub fn running(&self) -> usize {
+        self.running.len() + usize::from(self.prefilling.is_some())
+    }
+
+    /// Whether `req` can start now (a free place in the batch, room in the model, no other prompt going in).
     pub fn has_room(&self, req: &GenerationRequest) -> bool {
         let context = self.model.info().context_length;
         let capacity = (req.prompt.len() + req.max_tokens).min(context);
-        self.running.is_empty() || (self.running.len() < self.max_batch && self.model.has_room(capacity))
+        self.running() == 0
+            || (self.prefilling.is_none() && self.running.len() < self.max_batch && self.model.has_room(capacity))
     }
 
-    /// Starts `req`: validates it, processes its prompt and picks its first token. Failures go to `listener`.
-    pub fn start(&mut self, req: GenerationRequest, mut listener: Box<dyn Listener>) {
-        let mut seq = match Sequence::new(req, self.model.info()) {
+    /// Starts `req`: validates it and processes its prompt, all of it when nothing else runs, else its first slice
+    /// (the rest goes in after each [`Batcher::step`]); once the prompt is in, picks its first token. A prompt still
+    /// going in from before is finished first. Failures go to `listener`.
+    pub fn start(&mut self, req: GenerationRequest, listener: Box<dyn Listener>) {
+        self.finish_prefill();
+        let seq = match Sequence::new(req, self.model.info()) {
             Ok(seq) => seq,
             Err(e) => return listener.done(Err(e)),
         };
-        let (id, cached) = match self.model.start(seq.prompt(), seq.capacity(), seq.cache_scope()) {
+        let limit = self.slice();
+        let started = match self.model.start(seq.prompt(), seq.capacity(), seq.cache_scope(), limit) {
             Ok(started) => started,
             Err(e) => return listener.done(Err(e)),
         };
+        let prefilling = Prefilling {
+            id: started.id,
+            seq,
+            listener,
+            cached: started.cached,
+        };
+        if started.done {
+            self.join(prefilling);
+        } else {
+            self.prefilling = Some(prefilling);
+        }
+    }
+
+    /// One batched decode step for every running sequence (finished ones leave the batch), then the next slice of a
+    /// prompt going in.
+    pub fn step(&mut self) {
+        self.decode();
+        if self.prefilling.is_some() {
+            let limit = self.slice();
+            self.prefill(limit);
+        }
+    }
+
+    /// Prompt tokens a newcomer may process now: all of them when no sequence waits for its next token.
+    fn slice(&self) -> usize {
+        if self.running.is_empty() {
+            usize::MAX
+        } else {
+            self.chunk
+        }
+    }
+
+    /// Processes the rest of a prompt going in, at once.
+    fn finish_prefill(&mut self) {
+        while self.prefilling.is_some() {
+            self.prefill(usize::MAX);
+        }
+    }
+
+    /// Up to `limit` more tokens of the prompt going in; once it is all in, its sequence joins the batch. A listener
+    /// gone or a deadline passed ends it instead (cancelled, or `length` with no token).
+    fn prefill(&mut self, limit: usize) {
+        let Some(mut p) = self.prefilling.take() else { return };
+        if p.listener.cancelled() {
+            p.seq.cancel();
+            return self.join(p);
+        }
+        if p.seq.expired() {
+            return self.join(p); // its first `advance` sees the deadline
+        }
+        match self.model.resume(p.id, limit) {
+            Ok(true) => self.join(p),
+            Ok(false) => self.prefilling = Some(p),
+            Err(e) => self.end(vec![(p.id, p.listener, Err(e))]),
+        }
+    }
+
+    /// A sequence whose prompt is in (or that ends before it is): picks its first token and joins the running ones,
+    /// or ends.
+    fn join(&mut self, p: Prefilling) {
+        let Prefilling {
+            id,
+            mut seq,
+            mut listener,
+            cached,
+        } = p;
         seq.prefilled(cached);
         let step = seq.advance(self.model.logits(id), &self.decoder, &mut |d| listener.delta(d));
         let mut ended = Vec::new();
@@ -125,7 +244,7 @@ impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
     }
 
     /// One batched decode step for every running sequence; finished ones leave the batch.
-    pub fn step(&mut self) {
+    fn decode(&mut self) {
         if self.running.is_empty() {
             return;
         }
@@ -219,7 +338,8 @@ impl<M: Model> BatchModel for OneAtATime<M> {
     fn has_room(&self, _: usize) -> bool {
         self.current.is_none()
     }
-    fn start(&mut self, prompt: &[u32], capacity: usize, _: u64) -> Result<(SeqId, usize), ModelError> {
+    /// Processes the whole prompt at once, whatever the `limit`.
+    fn start(&mut self, prompt: &[u32], capacity: usize, _: u64, _: usize) -> Result<Started, ModelError> {
         self.next += 1;
         self.current = Some(self.next);
         let r = self.model.reset(capacity).and_then(|()| {
@@ -229,7 +349,14 @@ impl<M: Model> BatchModel for OneAtATime<M> {
             Ok(())
         });
         self.keep(r)?;
-        Ok((self.next, 0))
+        Ok(Started {
+            id: self.next,
+            cached: 0,
+            done: true,
+        })
+    }
+    fn resume(&mut self, _: SeqId, _: usize) -> Result<bool, ModelError> {
+        Err(ModelError::InvalidInput("no prompt is going in".into()))
     }
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
         let r = match feeds {

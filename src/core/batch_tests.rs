@@ -47,13 +47,40 @@ impl Model for Lone {
     }
 }
 
-/// Many sequences; records each step's batch size.
+/// Many sequences; records each step's batch size, and every call that moves a sequence on (`Step(batch size)`,
+/// `Prompt(tokens)`), in order.
 #[derive(Default)]
 struct Many {
     seqs: HashMap<SeqId, (Vec<u32>, Vec<f32>)>,
+    /// The sequence whose prompt is going in, and its tokens still to go.
+    pending: Option<(SeqId, Vec<u32>)>,
     next_id: SeqId,
     batch_sizes: Vec<usize>,
+    log: Vec<Call>,
     fail_steps: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Step(usize),
+    Prompt(usize),
+}
+
+impl Many {
+    /// Feeds `limit` tokens at most of `todo` to `id`; its logits once `todo` is empty.
+    fn feed(&mut self, id: SeqId, mut todo: Vec<u32>, limit: usize) -> bool {
+        let now = todo.len().min(limit.max(1));
+        self.log.push(Call::Prompt(now));
+        let (tokens, logits) = self.seqs.get_mut(&id).expect("a started sequence");
+        tokens.extend(todo.drain(..now));
+        if todo.is_empty() {
+            next_logits(tokens, logits);
+            true
+        } else {
+            self.pending = Some((id, todo));
+            false
+        }
+    }
 }
 
 impl BatchModel for Many {
@@ -64,19 +91,30 @@ impl BatchModel for Many {
     fn has_room(&self, _: usize) -> bool {
         true
     }
-    fn start(&mut self, prompt: &[u32], _: usize, _: u64) -> Result<(SeqId, usize), ModelError> {
+    fn start(&mut self, prompt: &[u32], _: usize, _: u64, limit: usize) -> Result<Started, ModelError> {
+        assert!(self.pending.is_none(), "one prompt goes in at a time");
         self.next_id += 1;
-        let mut logits = Vec::new();
-        next_logits(prompt, &mut logits);
-        self.seqs.insert(self.next_id, (prompt.to_vec(), logits));
-        Ok((self.next_id, 0))
+        let id = self.next_id;
+        self.seqs.insert(id, (Vec::new(), Vec::new()));
+        let done = self.feed(id, prompt.to_vec(), limit);
+        Ok(Started { id, cached: 0, done })
+    }
+    fn resume(&mut self, id: SeqId, limit: usize) -> Result<bool, ModelError> {
+        let (pending, todo) = self.pending.take().expect("a prompt going in");
+        assert_eq!(pending, id);
+        Ok(self.feed(id, todo, limit))
     }
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
         if self.fail_steps {
             return Err(ModelError::Backend("device lost".into()));
         }
         self.batch_sizes.push(feeds.len());
+        self.log.push(Call::Step(feeds.len()));
         for &(id, tok) in feeds {
+            assert!(
+                self.pending.as_ref().is_none_or(|p| p.0 != id),
+                "a prompt going in was fed"
+            );
             let (tokens, logits) = self.seqs.get_mut(&id).expect("a fed sequence exists");
             tokens.push(tok);
             next_logits(tokens, logits);
@@ -245,4 +283,127 @@ fn a_failed_step_fails_every_running_sequence_and_a_bad_request_only_itself() {
     );
     assert!(results[1..].iter().all(|r| matches!(r.2, Err(ModelError::Backend(_)))));
     assert!(b.model.seqs.is_empty());
+}
+
+#[test]
+fn a_prompt_joining_running_sequences_goes_in_slices_between_their_steps() {
+    let results = Results::default();
+    let mut b = Batcher::new(Many::default(), Letters, 8).prefill_chunk(3);
+    let long = GenerationRequest::new(vec![5, 3, 8, 1, 2, 7, 7, 4, 6, 9], 6, SamplingParams::greedy());
+    let reqs = requests();
+    b.start(reqs[2].clone(), listener(2, &results));
+    b.step();
+    b.start(long.clone(), listener(7, &results));
+    assert_eq!(b.running(), 2, "the newcomer holds its place while its prompt goes in");
+    while b.running() > 0 {
+        b.step();
+    }
+    // Nothing ran before: the first prompt went in whole. Then 3 + 3 + 3 + 1 tokens of the newcomer, each slice after
+    // a step of the running sequence, which joined it once its prompt was in.
+    use Call::{Prompt, Step};
+    assert_eq!(
+        b.model.log[..10],
+        [
+            Prompt(5),
+            Step(1),
+            Prompt(3),
+            Step(1),
+            Prompt(3),
+            Step(1),
+            Prompt(3),
+            Step(1),
+            Prompt(1),
+            Step(2)
+        ]
+    );
+    let results = results.lock().unwrap();
+    assert_eq!(results.len(), 2);
+    for (i, text, result) in results.iter() {
+        let g = result.as_ref().unwrap();
+        let alone = lone(if *i == 7 { &long } else { &reqs[*i] });
+        assert_eq!(g.token_ids, alone.token_ids, "request {i}");
+        assert_eq!(*text, g.text);
+    }
+    assert!(b.model.seqs.is_empty());
+}
+
+#[test]
+fn a_second_newcomer_waits_for_the_prompt_going_in_and_a_direct_start_finishes_it_first() {
+    let results = Results::default();
+    let mut b = Batcher::new(Many::default(), Letters, 8).prefill_chunk(2);
+    let reqs = requests();
+    b.start(reqs[0].clone(), listener(0, &results));
+    b.start(reqs[2].clone(), listener(2, &results));
+    assert!(!b.has_room(&reqs[1]), "one prompt goes in at a time");
+    // A caller that starts anyway gets the pending prompt finished at once, then its own sliced.
+    b.start(reqs[1].clone(), listener(1, &results));
+    use Call::Prompt;
+    assert_eq!(b.model.log, [Prompt(3), Prompt(2), Prompt(3), Prompt(2)]);
+    while b.running() > 0 {
+        b.step();
+    }
+    let results = results.lock().unwrap();
+    assert_eq!(results.len(), 3);
+    for (i, _, result) in results.iter() {
+        assert_eq!(
+            result.as_ref().unwrap().token_ids,
+            lone(&reqs[*i]).token_ids,
+            "request {i}"
+        );
+    }
+}
+
+/// A listener that has left (its client gone) before any token.
+struct Gone(Results);
+
+impl Listener for Gone {
+    fn delta(&mut self, _: Delta) -> ControlFlow<()> {
+        ControlFlow::Break(())
+    }
+    fn done(self: Box<Self>, result: Result<Generation, ModelError>) {
+        self.0.lock().unwrap().push((5, String::new(), result));
+    }
+    fn cancelled(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_prompt_going_in_stops_at_the_next_slice_when_its_listener_leaves_or_its_deadline_passes() {
+    let long = vec![5, 3, 8, 1, 2, 7, 7, 4, 6, 9];
+    for gone in [true, false] {
+        let results = Results::default();
+        let mut b = Batcher::new(Many::default(), Letters, 8).prefill_chunk(3);
+        let reqs = requests();
+        b.start(reqs[2].clone(), listener(2, &results));
+        let mut req = GenerationRequest::new(long.clone(), 6, SamplingParams::greedy());
+        if gone {
+            b.start(req, Box::new(Gone(results.clone())));
+        } else {
+            req.deadline = Some(std::time::Instant::now());
+            b.start(req, listener(5, &results));
+        }
+        b.step();
+        assert_eq!(b.running(), 1, "only the running sequence is left");
+        assert_eq!(
+            b.model.log[1..],
+            [Call::Prompt(3), Call::Step(1)],
+            "no slice after the first"
+        );
+        while b.running() > 0 {
+            b.step();
+        }
+        let results = results.lock().unwrap();
+        let ended = results.iter().find(|r| r.0 == 5).unwrap().2.as_ref().unwrap();
+        let want = if gone {
+            FinishReason::Cancelled
+        } else {
+            FinishReason::Length
+        };
+        assert_eq!(ended.finish_reason, want);
+        assert!(ended.token_ids.is_empty());
+        let other = results.iter().find(|r| r.0 == 2).unwrap().2.as_ref().unwrap();
+        assert_eq!(other.token_ids, lone(&reqs[2]).token_ids);
+        assert!(b.model.seqs.is_empty(), "the model forgot both");
+    }
 }

@@ -12,7 +12,7 @@ pub mod sequence;
 pub mod stop;
 pub mod validate;
 
-pub use batch::{BatchModel, Batcher, Listener, OneAtATime, SeqId};
+pub use batch::{BatchModel, Batcher, Listener, OneAtATime, SeqId, Started, PREFILL_CHUNK};
 pub use detok::DetokStream;
 pub use generate::{
     generate, Delta, FinishReason, Generation, GenerationRequest, Timings, TokenLogprob, TopLogprob, Usage,

@@ -103,6 +103,17 @@ impl Sequence {
         self.cached_tokens = cached;
     }
 
+    /// Ends the sequence as cancelled (its listener left); the next `advance` returns `None`.
+    pub fn cancel(&mut self) {
+        self.finish = FinishReason::Cancelled;
+        self.done = true;
+    }
+
+    /// Whether the request's deadline has passed.
+    pub fn expired(&self) -> bool {
+        self.req.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
     /// Takes the logits for the next position; returns the token to feed the model next, or `None` when finished.
     pub fn advance(
         &mut self,
@@ -113,7 +124,7 @@ impl Sequence {
         if self.done {
             return Ok(None);
         }
-        if self.token_ids.len() >= self.req.max_tokens || self.req.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.token_ids.len() >= self.req.max_tokens || self.expired() {
             self.done = true;
             return Ok(None);
         }

@@ -10,7 +10,7 @@ use super::bind::{backend, c_name, Side, ViewBinding};
 use super::custom_op;
 use super::kv::{KvBuffers, KvLayout, PrefixCache};
 use super::manifest::{IoNames, Manifest};
-use crate::core::{BatchModel, Model, ModelError, ModelInfo, SeqId};
+use crate::core::{BatchModel, Model, ModelError, ModelInfo, SeqId, Started};
 use lambda_llm_kernels::q4_1::Isa;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
@@ -107,6 +107,9 @@ struct Row {
     len: usize,
     /// Every token fed (kept for the prefix cache only).
     tokens: Vec<u32>,
+    /// Prompt tokens still to go in (a prompt processed in slices); such a row is always the last one, and decode
+    /// steps run the rows before it.
+    todo: Vec<u32>,
 }
 
 /// The decoder graph plus the state of its running sequences.
@@ -127,6 +130,9 @@ pub struct OnnxModel {
     next_id: SeqId,
     threads: usize,
     kernels: &'static str,
+    /// Whether a prompt may go in slices: our kernels give its rows the bits of a whole prompt; ONNX Runtime's
+    /// attention sums a one-row forward in another order than a prompt's, so on its kernels a prompt goes in whole.
+    slices: bool,
     profiling: bool,
 }
 
@@ -235,6 +241,7 @@ impl OnnxModel {
                 Some(_) => "lambda-llm q4_1 avx512 (model.fast.onnx)",
                 None => "onnxruntime (model.onnx)",
             },
+            slices: isa.is_some(),
             profiling: options.profile.is_some(),
         })
     }
@@ -388,6 +395,24 @@ impl OnnxModel {
         self.rows.iter().position(|r| r.id == id)
     }
 
+    /// The row whose prompt is still going in (always the last one), if any.
+    fn prefilling(&self) -> Option<usize> {
+        let last = self.rows.len().checked_sub(1)?;
+        (!self.rows[last].todo.is_empty()).then_some(last)
+    }
+
+    /// Moves row `from`'s state (KV, logits, bookkeeping) into row `to`, whose own goes to `from` (to be dropped or
+    /// overwritten); nothing moves when they are the same row.
+    fn move_row(&mut self, from: usize, to: usize) {
+        if from == to {
+            return;
+        }
+        self.kv.copy_slot(from, to, self.rows[from].len);
+        let vocab = self.info.vocab_size;
+        self.logits.copy_within(from * vocab..(from + 1) * vocab, to * vocab);
+        self.rows.swap(from, to);
+    }
+
     /// Slots the buffers need for one more sequence. A lone sequence keeps one row; once several run, room for the
     /// whole batch is reserved at once (untouched pages cost nothing) so joining later needs no copy.
     fn slots_with_one_more(&self) -> usize {
@@ -418,6 +443,7 @@ impl Model for OnnxModel {
             scope: 0,
             len: 0,
             tokens: Vec::new(),
+            todo: Vec::new(),
         });
         Ok(())
     }
@@ -444,12 +470,17 @@ impl BatchModel for OnnxModel {
         self.rows.len() < self.max_batch && self.kv_bytes(self.slots_with_one_more(), capacity) <= KV_BUDGET_BYTES
     }
 
-    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64) -> Result<(SeqId, usize), ModelError> {
+    fn start(&mut self, prompt: &[u32], capacity: usize, scope: u64, limit: usize) -> Result<Started, ModelError> {
         if prompt.len() > capacity {
             return Err(ModelError::CapacityExceeded {
                 requested: prompt.len(),
                 capacity,
             });
+        }
+        if self.prefilling().is_some() {
+            return Err(ModelError::InvalidInput(
+                "another sequence's prompt is still going in".into(),
+            ));
         }
         if self.rows.first().is_some_and(|r| r.id == SINGLE) {
             self.rows.clear(); // what single-stream use left behind
@@ -474,30 +505,58 @@ impl BatchModel for OnnxModel {
             } else {
                 Vec::new()
             },
+            todo: Vec::new(),
         });
-        if let Err(e) = self.extend_row(r, &prompt[cached..]) {
+        let rest = &prompt[cached..];
+        let now = if self.slices {
+            rest.len().min(limit.max(1))
+        } else {
+            rest.len()
+        };
+        if let Err(e) = self.extend_row(r, &rest[..now]) {
             self.rows.pop();
             return Err(e);
         }
-        Ok((id, cached))
+        self.rows[r].todo = rest[now..].to_vec();
+        Ok(Started {
+            id,
+            cached,
+            done: now == rest.len(),
+        })
+    }
+
+    fn resume(&mut self, id: SeqId, limit: usize) -> Result<bool, ModelError> {
+        let r = match self.prefilling() {
+            Some(r) if self.rows[r].id == id => r,
+            _ => {
+                return Err(ModelError::InvalidInput(format!(
+                    "sequence {id} has no prompt going in"
+                )))
+            }
+        };
+        let now = self.rows[r].todo.len().min(limit.max(1));
+        let chunk: Vec<u32> = self.rows[r].todo.drain(..now).collect();
+        self.extend_row(r, &chunk)?;
+        Ok(self.rows[r].todo.is_empty())
     }
 
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
-        let n = self.rows.len();
+        // A prompt going in is the last row; the step runs the rows before it.
+        let n = self.prefilling().unwrap_or(self.rows.len());
         if feeds.len() != n {
             return Err(ModelError::InvalidInput(format!(
                 "a step feeds every running sequence: {} fed, {n} running",
                 feeds.len()
             )));
         }
-        let width = self.rows.iter().map(|r| r.len).max().unwrap_or(0) + 1;
+        let width = self.rows[..n].iter().map(|r| r.len).max().unwrap_or(0) + 1;
         if width > self.kv.capacity() {
             return Err(ModelError::CapacityExceeded {
                 requested: width,
                 capacity: self.kv.capacity(),
             });
         }
-        for (r, row) in self.rows.iter().enumerate() {
+        for (r, row) in self.rows[..n].iter().enumerate() {
             let tok = feeds
                 .iter()
                 .find(|(id, _)| *id == row.id)
@@ -515,7 +574,7 @@ impl BatchModel for OnnxModel {
         }
         self.run(0, n, 1, width)?;
         let keep_tokens = self.prefix.enabled();
-        for (row, &id) in self.rows.iter_mut().zip(&self.ids) {
+        for (row, &id) in self.rows[..n].iter_mut().zip(&self.ids) {
             row.len += 1;
             if keep_tokens {
                 row.tokens.push(id as u32); // the token written above, checked to be in the vocabulary
@@ -542,12 +601,16 @@ impl BatchModel for OnnxModel {
             self.prefix.insert(row.scope, tokens, state);
         }
         let last = self.rows.len() - 1;
-        if r != last {
-            // Keep the running rows contiguous: the last one moves into the gap.
-            self.kv.copy_slot(last, r, self.rows[last].len);
-            let vocab = self.info.vocab_size;
-            self.logits.copy_within(last * vocab..(last + 1) * vocab, r * vocab);
+        if r != last && self.prefilling() == Some(last) {
+            // Keep the running rows contiguous and the prompt going in last: the last running row moves into the
+            // gap, then the prompt's row into the last running row's place.
+            self.move_row(last - 1, r);
+            self.move_row(last, last - 1);
+            self.rows.pop();
+            return;
         }
-        self.rows.swap_remove(r);
+        // Keep the rows contiguous: the last one moves into the gap.
+        self.move_row(last, r);
+        self.rows.pop();
     }
 }

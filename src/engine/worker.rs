@@ -88,6 +88,9 @@ impl Listener for ChoiceListener {
             Err(error) => JobEvent::Failed { choice, error },
         });
     }
+    fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
 }
 
 /// Handle to the model thread; cheap to clone.
@@ -223,7 +226,7 @@ fn enqueue(waiting: &mut VecDeque<Waiting>, job: Job, queued: &AtomicUsize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{ModelInfo, SamplingParams, SeqId};
+    use crate::core::{ModelInfo, SamplingParams, SeqId, Started};
     use std::time::Duration;
 
     /// Emits token 1 ("a") forever, slowly enough for queue tests; id 0 is EOS. Records the largest batch.
@@ -243,10 +246,17 @@ mod tests {
         fn has_room(&self, _: usize) -> bool {
             true
         }
-        fn start(&mut self, _: &[u32], _: usize, _: u64) -> Result<(SeqId, usize), ModelError> {
+        fn start(&mut self, _: &[u32], _: usize, _: u64, _: usize) -> Result<Started, ModelError> {
             self.next += 1;
             self.running.push(self.next);
-            Ok((self.next, 0))
+            Ok(Started {
+                id: self.next,
+                cached: 0,
+                done: true,
+            })
+        }
+        fn resume(&mut self, _: SeqId, _: usize) -> Result<bool, ModelError> {
+            Err(ModelError::InvalidInput("no prompt is going in".into()))
         }
         fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
             self.widest.fetch_max(feeds.len(), Ordering::SeqCst);
