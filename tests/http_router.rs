@@ -620,6 +620,33 @@ async fn a_client_that_disconnects_stops_its_generation() {
     assert!(after_drop < 5000);
 }
 
+/// A streaming client that leaves while its job still waits in the queue takes the job with it: the model never runs
+/// it (the SSE pump notices the client at once, not at the first token it would send).
+#[tokio::test]
+async fn a_streaming_client_that_disconnects_while_queued_leaves_the_queue() {
+    let (s, _) = slow_state(4);
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 400, "stream": true}).to_string();
+    let post = || {
+        Request::post("/v1/completions")
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .body(Body::from(body.clone()))
+            .unwrap()
+    };
+    let running = router(s.clone()).oneshot(post()).await.unwrap();
+    while s.worker.queued() > 0 {
+        tokio::task::yield_now().await;
+    }
+    let waiting = router(s.clone()).oneshot(post()).await.unwrap();
+    assert_eq!(s.worker.queued(), 1, "the second job waits behind the first");
+    drop(waiting);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while s.worker.queued() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.worker.queued(), 0, "the job of the client that left is still queued");
+    drop(running);
+}
+
 #[tokio::test]
 async fn keep_alive_comments_flow_while_a_long_prompt_is_processed() {
     let mut s = state();

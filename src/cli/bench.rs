@@ -133,6 +133,7 @@ struct PrefixResult {
 #[derive(Debug, Serialize)]
 struct JoinResult {
     prompt_tokens: usize,
+    /// Tokens per slice (0: the kernels take a prompt whole).
     slice_tokens: usize,
     /// The running stream's longest wait between two of its tokens while the prompt went in, ms.
     gap_sliced_ms: f64,
@@ -418,9 +419,9 @@ impl Listener for Clock {
     }
 }
 
-/// A stream decodes; after its fourth token a [`JOINING_TOKENS`]-token prompt joins: the stream's longest wait for a
-/// token from then until the newcomer's first one, and the newcomer's time to first token; prompt in slices of
-/// `chunk` tokens.
+/// A stream decodes; after its fourth token a [`JOINING_TOKENS`]-token prompt joins: the stream's longest wait between
+/// two of its tokens from its last one before the newcomer to its first one after the newcomer's first token, and the
+/// newcomer's time to first token; prompt in slices of `chunk` tokens.
 fn join_once(
     engine: &mut Engine,
     stream: &GenerationRequest,
@@ -448,13 +449,16 @@ fn join_once(
     );
     let first = *b.0.first().context("the long prompt produced no token")?;
     anyhow::ensure!(a.1.is_some() && b.1.is_some(), "a generation failed");
-    let mut last = joined;
-    let mut gap = 0f64;
-    for &t in a.0.iter().filter(|&&t| t > joined && t <= first) {
-        gap = gap.max((t - last).as_secs_f64());
-        last = t;
-    }
-    gap = gap.max((first - last).as_secs_f64());
+    // The stream's tokens from its last one before the newcomer came to its first one after the newcomer's first.
+    let from = a.0.iter().rposition(|&t| t <= joined).unwrap_or(0);
+    let to =
+        a.0.iter()
+            .position(|&t| t > first)
+            .context("the stream ended before the newcomer's first token")?;
+    let gap = a.0[from..=to]
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .fold(0.0, f64::max);
     let ttft = b.1.as_ref().map_or(f64::NAN, |g| g.timings.first_token.as_secs_f64());
     Ok((gap * 1e3, ttft * 1e3))
 }
@@ -480,7 +484,12 @@ fn joining(engine: &mut Engine) -> Result<JoinResult> {
     let (gap_whole_ms, ttft_whole_ms) = join_once(engine, &stream, &long, usize::MAX)?;
     Ok(JoinResult {
         prompt_tokens: JOINING_TOKENS,
-        slice_tokens: crate::core::PREFILL_CHUNK,
+        // ONNX Runtime's kernels take a prompt whole.
+        slice_tokens: if engine.model.kernels().starts_with("lambda-llm") {
+            crate::core::PREFILL_CHUNK
+        } else {
+            0
+        },
         gap_sliced_ms,
         gap_whole_ms,
         ttft_sliced_ms,

@@ -47,7 +47,8 @@ pub trait BatchModel {
     /// Appends one token to each listed sequence, all in one batched step: every sequence whose prompt is processed.
     fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError>;
 
-    /// The next-token logits of `id` after its last `start` or `step`.
+    /// The next-token logits of `id` after its last `start`, `resume` or `step` (unspecified while its prompt is still
+    /// going in).
     fn logits(&self, id: SeqId) -> &[f32];
 
     /// Ends `id` and frees its room (its state may be kept as a cached prefix).
@@ -156,16 +157,18 @@ impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
             || (self.prefilling.is_none() && self.running.len() < self.max_batch && self.model.has_room(capacity))
     }
 
-    /// Starts `req`: validates it and processes its prompt, all of it when nothing else runs, else its first slice
-    /// (the rest goes in after each [`Batcher::step`]); once the prompt is in, picks its first token. A prompt still
-    /// going in from before is finished first. Failures go to `listener`.
+    /// Starts `req`: validates it and processes its prompt, all of it when nothing else runs; else its prompt goes in
+    /// slice by slice, one after each [`Batcher::step`], so the running sequences wait for one slice between two of
+    /// their tokens, never more. Once the prompt is in, picks its first token. A prompt still going in from before is
+    /// finished first. Failures go to `listener`.
     pub fn start(&mut self, req: GenerationRequest, listener: Box<dyn Listener>) {
-        self.finish_prefill();
         let seq = match Sequence::new(req, self.model.info()) {
             Ok(seq) => seq,
             Err(e) => return listener.done(Err(e)),
         };
-        let limit = self.slice();
+        self.finish_prefill();
+        // With others running, only the cached prefix now: the first slice comes after their next step.
+        let limit = if self.running.is_empty() { usize::MAX } else { 0 };
         let started = match self.model.start(seq.prompt(), seq.capacity(), seq.cache_scope(), limit) {
             Ok(started) => started,
             Err(e) => return listener.done(Err(e)),

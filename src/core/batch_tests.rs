@@ -69,8 +69,10 @@ enum Call {
 impl Many {
     /// Feeds `limit` tokens at most of `todo` to `id`; its logits once `todo` is empty.
     fn feed(&mut self, id: SeqId, mut todo: Vec<u32>, limit: usize) -> bool {
-        let now = todo.len().min(limit.max(1));
-        self.log.push(Call::Prompt(now));
+        let now = todo.len().min(limit);
+        if now > 0 {
+            self.log.push(Call::Prompt(now));
+        }
         let (tokens, logits) = self.seqs.get_mut(&id).expect("a started sequence");
         tokens.extend(todo.drain(..now));
         if todo.is_empty() {
@@ -126,6 +128,9 @@ impl BatchModel for Many {
     }
     fn finish(&mut self, id: SeqId) {
         assert!(self.seqs.remove(&id).is_some(), "finished twice");
+        if self.pending.as_ref().is_some_and(|p| p.0 == id) {
+            self.pending = None;
+        }
     }
 }
 
@@ -271,6 +276,7 @@ fn a_failed_step_fails_every_running_sequence_and_a_bad_request_only_itself() {
     );
     b.start(reqs[0].clone(), listener(0, &results));
     b.start(reqs[2].clone(), listener(2, &results));
+    b.step(); // the second prompt goes in after this step: both decode at the next one
     b.model.fail_steps = true;
     b.step();
     assert_eq!(b.running(), 0);
@@ -299,23 +305,22 @@ fn a_prompt_joining_running_sequences_goes_in_slices_between_their_steps() {
         b.step();
     }
     // Nothing ran before: the first prompt went in whole. Then 3 + 3 + 3 + 1 tokens of the newcomer, each slice after
-    // a step of the running sequence, which joined it once its prompt was in.
+    // a step of the running sequence (one slice between two of its tokens), which joined it once its prompt was in.
     use Call::{Prompt, Step};
-    assert_eq!(
-        b.model.log[..10],
-        [
-            Prompt(5),
-            Step(1),
-            Prompt(3),
-            Step(1),
-            Prompt(3),
-            Step(1),
-            Prompt(3),
-            Step(1),
-            Prompt(1),
-            Step(2)
-        ]
-    );
+    let want = [
+        Prompt(5),
+        Step(1),
+        Step(1),
+        Prompt(3),
+        Step(1),
+        Prompt(3),
+        Step(1),
+        Prompt(3),
+        Step(1),
+        Prompt(1),
+        Step(2),
+    ];
+    assert_eq!(b.model.log[..11], want);
     let results = results.lock().unwrap();
     assert_eq!(results.len(), 2);
     for (i, text, result) in results.iter() {
@@ -335,10 +340,12 @@ fn a_second_newcomer_waits_for_the_prompt_going_in_and_a_direct_start_finishes_i
     b.start(reqs[0].clone(), listener(0, &results));
     b.start(reqs[2].clone(), listener(2, &results));
     assert!(!b.has_room(&reqs[1]), "one prompt goes in at a time");
-    // A caller that starts anyway gets the pending prompt finished at once, then its own sliced.
+    // A caller that starts anyway gets the pending prompt finished at once; its own goes in after the next step.
     b.start(reqs[1].clone(), listener(1, &results));
-    use Call::Prompt;
-    assert_eq!(b.model.log, [Prompt(3), Prompt(2), Prompt(3), Prompt(2)]);
+    use Call::{Prompt, Step};
+    assert_eq!(b.model.log, [Prompt(3), Prompt(5)]);
+    b.step();
+    assert_eq!(b.model.log[2..], [Step(2), Prompt(2)]);
     while b.running() > 0 {
         b.step();
     }
@@ -385,11 +392,7 @@ fn a_prompt_going_in_stops_at_the_next_slice_when_its_listener_leaves_or_its_dea
         }
         b.step();
         assert_eq!(b.running(), 1, "only the running sequence is left");
-        assert_eq!(
-            b.model.log[1..],
-            [Call::Prompt(3), Call::Step(1)],
-            "no slice after the first"
-        );
+        assert_eq!(b.model.log[1..], [Call::Step(1)], "no slice went in");
         while b.running() > 0 {
             b.step();
         }
@@ -406,4 +409,27 @@ fn a_prompt_going_in_stops_at_the_next_slice_when_its_listener_leaves_or_its_dea
         assert_eq!(other.token_ids, lone(&reqs[2]).token_ids);
         assert!(b.model.seqs.is_empty(), "the model forgot both");
     }
+}
+
+#[test]
+fn a_failed_step_while_a_prompt_goes_in_fails_the_running_ones_and_the_prompt_goes_on() {
+    let results = Results::default();
+    let mut b = Batcher::new(Many::default(), Letters, 8).prefill_chunk(2);
+    let reqs = requests();
+    b.start(reqs[0].clone(), listener(0, &results));
+    b.start(reqs[2].clone(), listener(2, &results));
+    b.model.fail_steps = true;
+    b.step();
+    b.model.fail_steps = false;
+    while b.running() > 0 {
+        b.step();
+    }
+    let results = results.lock().unwrap();
+    let by = |i: usize| &results.iter().find(|r| r.0 == i).unwrap().2;
+    assert!(matches!(by(0), Err(ModelError::Backend(_))), "{:?}", by(0));
+    assert_eq!(by(2).as_ref().unwrap().token_ids, lone(&reqs[2]).token_ids);
+    use Call::Prompt;
+    // Nothing ran once the step failed: the rest of the prompt went in whole.
+    assert_eq!(b.model.log[..2], [Prompt(3), Prompt(5)]);
+    assert!(b.model.seqs.is_empty());
 }

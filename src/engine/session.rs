@@ -2,9 +2,9 @@
 //!
 //! One ORT session; every sequence's KV state lives in buffers we own ([`KvBuffers`]), bound as both past input and
 //! present output so the attention (lambda-llm's `Attention`, or `GroupQueryAttention` in model.onnx) appends in
-//! place: no per-token copy of the cache, no per-token allocation. A prompt is processed on its own row (batch 1);
-//! decode steps run every running row together, each with its own length in the attention mask (the attention
-//! derives positions from it).
+//! place: no per-token copy of the cache, no per-token allocation. A prompt is processed on its own row (batch 1),
+//! whole or in slices between decode steps (then its row is the last one); decode steps run every other row together,
+//! each with its own length in the attention mask (the attention derives positions from it).
 
 use super::bind::{backend, c_name, Side, ViewBinding};
 use super::custom_op;
@@ -401,8 +401,9 @@ impl OnnxModel {
         (!self.rows[last].todo.is_empty()).then_some(last)
     }
 
-    /// Moves row `from`'s state (KV, logits, bookkeeping) into row `to`, whose own goes to `from` (to be dropped or
-    /// overwritten); nothing moves when they are the same row.
+    /// Moves row `from`'s state (KV, logits) into slot `to` and swaps the two rows' bookkeeping, so the row that was
+    /// at `to` is now at `from` (to be dropped or overwritten; its slot there still holds the moved row's state);
+    /// nothing moves when they are the same row.
     fn move_row(&mut self, from: usize, to: usize) {
         if from == to {
             return;
@@ -508,14 +509,12 @@ impl BatchModel for OnnxModel {
             todo: Vec::new(),
         });
         let rest = &prompt[cached..];
-        let now = if self.slices {
-            rest.len().min(limit.max(1))
-        } else {
-            rest.len()
-        };
-        if let Err(e) = self.extend_row(r, &rest[..now]) {
-            self.rows.pop();
-            return Err(e);
+        let now = if self.slices { rest.len().min(limit) } else { rest.len() };
+        if now > 0 || rest.is_empty() {
+            if let Err(e) = self.extend_row(r, &rest[..now]) {
+                self.rows.pop();
+                return Err(e);
+            }
         }
         self.rows[r].todo = rest[now..].to_vec();
         Ok(Started {
@@ -535,8 +534,11 @@ impl BatchModel for OnnxModel {
             }
         };
         let now = self.rows[r].todo.len().min(limit.max(1));
-        let chunk: Vec<u32> = self.rows[r].todo.drain(..now).collect();
-        self.extend_row(r, &chunk)?;
+        let todo = std::mem::take(&mut self.rows[r].todo);
+        let result = self.extend_row(r, &todo[..now]);
+        self.rows[r].todo = todo;
+        result?;
+        self.rows[r].todo.drain(..now);
         Ok(self.rows[r].todo.is_empty())
     }
 

@@ -4,7 +4,8 @@
 //! order (nobody starves) and join the running batch between decode steps, as long as the batch has a free place and
 //! the model has memory; a full queue is refused at once so callers can answer 503 with `Retry-After` instead of
 //! piling up. Events go out on unbounded channels so a slow reader never stalls the batch; a job whose receiver is
-//! gone (client disconnected) stops at its next token, and one still waiting is dropped unstarted.
+//! gone (client disconnected) stops at its next token (or its prompt's next slice), and one still waiting is dropped
+//! unstarted.
 
 use crate::core::{BatchModel, Batcher, Delta, Generation, GenerationRequest, Listener, ModelError, TokenDecoder};
 use std::collections::VecDeque;
@@ -229,7 +230,8 @@ mod tests {
     use crate::core::{ModelInfo, SamplingParams, SeqId, Started};
     use std::time::Duration;
 
-    /// Emits token 1 ("a") forever, slowly enough for queue tests; id 0 is EOS. Records the largest batch.
+    /// Emits token 1 ("a") forever, slowly enough for queue tests; id 0 is EOS. Records the largest batch. Takes a
+    /// prompt in slices when asked (each as slow as a step), and counts them.
     struct Slow {
         info: ModelInfo,
         logits: Vec<f32>,
@@ -237,6 +239,9 @@ mod tests {
         running: Vec<SeqId>,
         next: SeqId,
         widest: Arc<AtomicUsize>,
+        /// The sequence whose prompt is going in, and its tokens still to go.
+        pending: Option<(SeqId, usize)>,
+        slices: Arc<AtomicUsize>,
     }
 
     impl BatchModel for Slow {
@@ -246,17 +251,29 @@ mod tests {
         fn has_room(&self, _: usize) -> bool {
             true
         }
-        fn start(&mut self, _: &[u32], _: usize, _: u64, _: usize) -> Result<Started, ModelError> {
+        fn start(&mut self, prompt: &[u32], _: usize, _: u64, limit: usize) -> Result<Started, ModelError> {
             self.next += 1;
             self.running.push(self.next);
+            let done = limit >= prompt.len();
+            if !done {
+                self.pending = Some((self.next, prompt.len()));
+            }
             Ok(Started {
                 id: self.next,
                 cached: 0,
-                done: true,
+                done,
             })
         }
-        fn resume(&mut self, _: SeqId, _: usize) -> Result<bool, ModelError> {
-            Err(ModelError::InvalidInput("no prompt is going in".into()))
+        fn resume(&mut self, id: SeqId, limit: usize) -> Result<bool, ModelError> {
+            let (pending, left) = self.pending.take().expect("a prompt going in");
+            assert_eq!(pending, id);
+            self.slices.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            let left = left.saturating_sub(limit);
+            if left > 0 {
+                self.pending = Some((id, left));
+            }
+            Ok(left == 0)
         }
         fn step(&mut self, feeds: &[(SeqId, u32)]) -> Result<(), ModelError> {
             self.widest.fetch_max(feeds.len(), Ordering::SeqCst);
@@ -268,6 +285,9 @@ mod tests {
         }
         fn finish(&mut self, id: SeqId) {
             self.running.retain(|&r| r != id);
+            if self.pending.is_some_and(|p| p.0 == id) {
+                self.pending = None;
+            }
         }
     }
 
@@ -293,6 +313,8 @@ mod tests {
             running: Vec::new(),
             next: 0,
             widest: widest.clone(),
+            pending: None,
+            slices: Arc::new(AtomicUsize::new(0)),
         };
         (model, widest)
     }
@@ -359,5 +381,33 @@ mod tests {
         assert!(finished);
         assert!(w.is_alive());
         assert_eq!(w.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_receiver_stops_a_prompt_going_in_at_its_next_slice() {
+        let (model, _) = slow(5);
+        let slices = model.slices.clone();
+        let w = Worker::spawn(model, Letters, 4, 4);
+        let running = w.submit(vec![req(1000)]).unwrap();
+        while w.queued() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // 14 slices of 64 tokens, one after each step of the running job.
+        let long = GenerationRequest::new(vec![1; 14 * 64], 5, SamplingParams::greedy());
+        let mut joining = w.submit(vec![long]).unwrap();
+        assert!(matches!(joining.recv().await, Some(JobEvent::Started)));
+        drop(joining);
+        let pause = Duration::from_millis(150);
+        tokio::time::sleep(pause).await;
+        let after = slices.load(Ordering::SeqCst);
+        tokio::time::sleep(pause).await;
+        assert_eq!(
+            slices.load(Ordering::SeqCst),
+            after,
+            "slices went on after the receiver left"
+        );
+        assert!(after < 13, "{after} slices");
+        drop(running);
+        assert!(w.is_alive());
     }
 }

@@ -39,8 +39,9 @@ pub struct StreamPlan {
 
 /// Turns a job's events into an SSE response; keep-alive comments flow while the prompt is queued or processed.
 ///
-/// A task pumps events into the response; when the client disconnects the response stream is dropped, the pump's
-/// send fails, it drops the job's receiver, and the model thread stops that generation at its next token.
+/// A task pumps events into the response; when the client disconnects the response stream is dropped, the pump sees
+/// it (at once, even while the job waits or its prompt goes in), drops the job's receiver, and the model thread drops
+/// the job if it still waits, or stops it at its next token or prompt slice.
 pub fn respond<F: ChunkFormat>(
     state: AppState,
     key: AuthorizedKey,
@@ -57,7 +58,14 @@ pub fn respond<F: ChunkFormat>(
         let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
         let mut cached = std::collections::BTreeMap::<usize, usize>::new(); // prompt index → cached tokens
         let mut failed = None;
-        'events: while let Some(ev) = jobs.recv().await {
+        'events: loop {
+            let ev = tokio::select! {
+                ev = jobs.recv() => match ev {
+                    Some(ev) => ev,
+                    None => break 'events,
+                },
+                () = tx.closed() => break 'events, // client gone: dropping `jobs` cancels the generation
+            };
             let mut out = Vec::new();
             match ev {
                 JobEvent::Started => {}
