@@ -484,8 +484,7 @@ fn joining(engine: &mut Engine) -> Result<JoinResult> {
     let (gap_whole_ms, ttft_whole_ms) = join_once(engine, &stream, &long, usize::MAX)?;
     Ok(JoinResult {
         prompt_tokens: JOINING_TOKENS,
-        // ONNX Runtime's kernels take a prompt whole.
-        slice_tokens: if engine.model.kernels().starts_with("lambda-llm") {
+        slice_tokens: if engine.model.slices() {
             crate::core::PREFILL_CHUNK
         } else {
             0

@@ -193,10 +193,8 @@ impl<M: BatchModel, D: TokenDecoder> Batcher<M, D> {
     /// prompt going in.
     pub fn step(&mut self) {
         self.decode();
-        if self.prefilling.is_some() {
-            let limit = self.slice();
-            self.prefill(limit);
-        }
+        let limit = self.slice();
+        self.prefill(limit);
     }
 
     /// Prompt tokens a newcomer may process now: all of them when no sequence waits for its next token.

@@ -251,6 +251,11 @@ impl OnnxModel {
         self.kernels
     }
 
+    /// Whether a prompt joining running sequences goes in slices (our kernels) or whole (ONNX Runtime's).
+    pub fn slices(&self) -> bool {
+        self.slices
+    }
+
     /// Stops the profiler that `SessionOptions::profile` started and returns the file ONNX Runtime wrote (a Chrome
     /// trace: one event per run and per node, with its operator type and input shapes).
     pub fn end_profiling(&mut self) -> Result<PathBuf, ModelError> {
@@ -608,11 +613,10 @@ impl BatchModel for OnnxModel {
             // gap, then the prompt's row into the last running row's place.
             self.move_row(last - 1, r);
             self.move_row(last, last - 1);
-            self.rows.pop();
-            return;
+        } else {
+            // Keep the rows contiguous: the last one moves into the gap.
+            self.move_row(last, r);
         }
-        // Keep the rows contiguous: the last one moves into the gap.
-        self.move_row(last, r);
         self.rows.pop();
     }
 }
