@@ -303,7 +303,8 @@ def _fuse_norms(g) -> int:
 
 def _stay_3d(g) -> int:
     """The embedding reshaped to [batch, seq, hidden] instead of [batch * seq, hidden], and the reshapes to 3-D
-    before attention and the LM head and back to 2-D after attention dropped (their consumers read their input);
+    before attention, around the last layer's residual slice and before the LM head, and back to 2-D after attention
+    dropped (their consumers read their input);
     returns how many were dropped. Matches the builder's node names (graph.py), and leaves the graph as it is if
     they are not all there."""
     by_name = {n.name: n for n in g.node}
@@ -313,7 +314,7 @@ def _stay_3d(g) -> int:
     if embed is None or bs not in producers or producers[bs].input[0] != "ids/shape/out":
         return 0
     dropped = [n for n in g.node if n.op_type == "Reshape" and
-               (n.name.endswith("/qkv_3d") or n.name.endswith("/attn_2d") or n.name == "output_norm/3d")]
+               n.name.endswith(("/qkv_3d", "/attn_2d", "/resid_3d", "/resid_2d", "output_norm/3d"))]
     rename = {n.output[0]: n.input[0] for n in dropped}
     if set(rename) & {o.name for o in g.output}:
         return 0

@@ -256,6 +256,11 @@ def build_model(model: GgufModel, acc: int, progress=None, lm_head: str = "q8") 
                       name=f"{p}/GroupQueryAttention", domain=MS,
                       outputs=[f"{p}/attn_out", f"present.{i}.key", f"present.{i}.value"],
                       num_heads=H, kv_num_heads=KVH, do_rotary=1, rotary_interleaved=1)[0]
+        if i + 1 == L:
+            # Only the last position of each sequence reaches the LM head, so after the last attention (whose keys and
+            # values every position needs) the rest of the layer runs on that position alone, as llama.cpp does: for
+            # a prompt of n tokens, n - 1 rows less of the last o_proj and MLP. Each row's arithmetic is unchanged.
+            attn, h = _last_positions(b, attn, h, bs_shape, p, hidden)
         attn = b.node("Reshape", [attn, b.const_i64([-1, H * D])], name=f"{p}/attn_2d")[0]
         o = b.linear(attn, [T("attn_output")], H * D, f"{p}.attn_output", acc)
         ffn_norm = b.init(f"{p}.ffn_norm.weight", _norm_weight(T("ffn_norm")))
@@ -275,10 +280,9 @@ def build_model(model: GgufModel, acc: int, progress=None, lm_head: str = "q8") 
         x, h = b.node("SkipSimplifiedLayerNormalization", [down, h, b.init(gname, _norm_weight(w))], name=nname,
                       domain=MS, outputs=[f"{nname}/out", "", "", f"{p}/resid_ffn"], epsilon=eps)[0::3]
 
-    # ---- LM head on the last position only ----
-    x = b.node("Reshape", [x, bs_shape], name="output_norm/3d")[0]
-    last = b.node("Slice", [x, b.const_i64([-1]), b.const_i64([np.iinfo(np.int64).max]), b.const_i64([1])],
-                  name="last_position")[0]
+    # ---- LM head: x already holds the last position only ([batch, hidden]) ----
+    last = b.node("Reshape", [x, b.const_i64([-1, 1, hidden])], name="output_norm/3d",
+                  outputs=["last_position/out"])[0]
     head = model.tensor("token_embd.weight" if model.tied_embeddings else "output.weight")
     if head.tensor_type == QT.Q8_0 and lm_head == "exact":
         _q8_head_exact(b, last, head, hidden, hp.vocab)
@@ -311,6 +315,18 @@ def _tensor_table(t) -> np.ndarray:
 def _q8_head_exact(b: _Builder, x: str, t, k: int, n: int) -> None:
     p = q8_0_parts(t)
     b.q8_split(x, p.values, p.scales, k, "lm_head", 0, output="logits")
+
+
+def _last_positions(b: _Builder, attn: str, h: str, bs_shape: str, p: str, hidden: int) -> tuple[str, str]:
+    """The last position of each sequence: of the attention output ([batch, seq, H*D], 3-D) and of the residual
+    stream (2-D [batch * seq, hidden], through 3-D)."""
+    last = lambda x, name: b.node("Slice", [x, b.const_i64([-1]), b.const_i64([np.iinfo(np.int64).max]),  # noqa: E731
+                                            b.const_i64([1])], name=name)[0]
+    attn = last(attn, f"{p}/attn_last")
+    h = b.node("Reshape", [h, bs_shape], name=f"{p}/resid_3d")[0]
+    h = last(h, f"{p}/resid_last")
+    h = b.node("Reshape", [h, b.const_i64([-1, hidden])], name=f"{p}/resid_2d")[0]
+    return attn, h
 
 
 def _rescore_top_k(b: _Builder, x: str, approx: str, data: str, gscales: str | None, t, hidden: int) -> None:

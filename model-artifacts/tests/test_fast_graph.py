@@ -28,7 +28,7 @@ def test_every_q4_1_layer_runs_on_the_kernel_and_the_rest_is_unchanged(artifact)
     assert ops[("com.microsoft", "MatMulNBits")] == 0 and ops[(DOMAIN, OP_Q8)] == 1
     assert ops[("", "TopK")] == 0 and ops[("", "ScatterElements")] == 0
     head = next(n for n in fast.graph.node if n.op_type == OP_Q8)
-    assert list(head.input) == ["last_position/out", "token_embd.q8", "lm_head.scales"] and list(head.output) == ["logits"]
+    assert list(head.input) == ["output_norm/out", "token_embd.q8", "lm_head.scales"] and list(head.output) == ["logits"]
     assert ops[("", "Reshape")] == 1  # the embedding to [batch, seq, hidden]
     swiglu = [n for n in fast.graph.node if n.op_type == OP and
               {a.name: helper.get_attribute_value(a) for a in n.attribute}.get("activation") == b"swiglu"]
@@ -50,12 +50,16 @@ def test_every_q4_1_layer_runs_on_the_kernel_and_the_rest_is_unchanged(artifact)
     # epsilon, its second output the norm's sum. The first layer's plain norm and the final one (before the LM head's
     # slice) stay nodes.
     base_norms = [n for n in base.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    base_producers = {o: n for n in base.graph.node for o in n.output}
+    # A name of model.onnx before the reshapes between 2-D and 3-D that the fast graph drops.
+    unshaped = lambda name: (base_producers[name].input[0] if name in base_producers and  # noqa: E731
+                             base_producers[name].name.endswith("/resid_2d") else name)
     assert len(base_norms) == 60
     normed = [n for n in fast.graph.node if n.op_type == OP and len(n.input) == 5]
     assert len(normed) == 59
     for n in normed:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        norm = next(b for b in base_norms if list(b.input) == [n.input[0], n.input[3], n.input[4]])
+        norm = next(b for b in base_norms if [*map(unshaped, b.input[:2]), b.input[2]] == [n.input[0], *n.input[3:]])
         assert attrs["epsilon"] == 9.999999747378752e-06  # SmolLM2's, as a float32
         assert list(n.output[1:]) == [norm.output[3]]
         assert norm.output[0] not in {i for m in fast.graph.node for i in m.input}
@@ -70,6 +74,44 @@ def test_every_q4_1_layer_runs_on_the_kernel_and_the_rest_is_unchanged(artifact)
     assert {o.domain: o.version for o in fast.opset_import}[DOMAIN] == 1
     assert [o.name for o in fast.graph.output] == [o.name for o in base.graph.output]
     assert [i.name for i in fast.graph.input] == [i.name for i in base.graph.input]
+
+
+@pytest.mark.parametrize("graph", ["model.onnx", "model.fast.onnx"])
+def test_after_the_last_attention_only_each_sequences_last_position_goes_on(artifact, graph):
+    """The last layer's keys and values need every position, but only the last position's state reaches the LM head:
+    its attention output and the residual stream are cut to that position ([batch, 1, ...]) before the output
+    projection and the MLP, which then run one row per sequence instead of one per prompt token."""
+    g = _load(os.path.join(artifact.path, graph)).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in g.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL}
+    consumers = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    producers = {o: n for n in g.node for o in n.output}
+
+    def through_reshapes(name):  # the tensor a node reads, before any reshape
+        while producers.get(name) is not None and producers[name].op_type == "Reshape":
+            name = producers[name].input[0]
+        return name
+
+    def last_position(n):  # Slice(x, [-1], [INT64_MAX], axes [1])
+        return n.op_type == "Slice" and [consts.get(i) for i in n.input[1:]] == [[-1], [2**63 - 1], [1]]
+
+    slices = {n.name: n for n in g.node if last_position(n)}
+    assert sorted(slices) == ["blk.29/attn_last", "blk.29/resid_last"]
+    attention = [n for n in g.node if n.op_type in ("GroupQueryAttention", OP_ATTENTION)]
+    assert len(attention) == 30
+    # The last attention's output goes on only through its slice: the output projection reads the slice.
+    assert [c.name for c in consumers[attention[-1].output[0]]] == ["blk.29/attn_last"]
+    o_proj = next(n for n in g.node if n.name.startswith("blk.29.attn_output/") and n.op_type in (OP, "MatMulNBits"))
+    assert through_reshapes(o_proj.input[0]) == slices["blk.29/attn_last"].output[0]
+    # The residual stream entering the last layer reaches its MLP's norm only cut to the last position.
+    norm = next(n for n in g.node if n.name in ("blk.29/ffn_norm", "blk.29.ffn_gate_up/MatMulQ4_1"))
+    skip = norm.input[1] if norm.op_type == "SkipSimplifiedLayerNormalization" else norm.input[3]
+    assert through_reshapes(skip) == slices["blk.29/resid_last"].output[0]
+    whole = through_reshapes(slices["blk.29/resid_last"].input[0])
+    assert [c.op_type for c in consumers[whole] if c.name.startswith("blk.29/")] in (["Slice"], ["Reshape"])
 
 
 def test_weights_are_shared_and_scales_are_the_ggufs_f16_values(artifact, gguf_path):
