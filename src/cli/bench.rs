@@ -471,13 +471,8 @@ fn joining(engine: &mut Engine) -> Result<JoinResult> {
         128,
         &eos,
     );
-    let base = engine.tokenizer.encode(LONG_PROMPT)?;
-    let mut ids = Vec::with_capacity(JOINING_TOKENS);
-    while ids.len() < JOINING_TOKENS {
-        ids.extend_from_slice(&base);
-    }
-    ids.truncate(JOINING_TOKENS);
-    let long = fixed_length(ids, 2, &eos);
+    let ids = engine.tokenizer.encode(LONG_PROMPT)?;
+    let long = fixed_length(ids.into_iter().cycle().take(JOINING_TOKENS).collect(), 2, &eos);
     engine.model.clear_prefix_cache();
     let (gap_sliced_ms, ttft_sliced_ms) = join_once(engine, &stream, &long, crate::core::PREFILL_CHUNK)?;
     engine.model.clear_prefix_cache();
